@@ -1,0 +1,34 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+let package = Package(
+    name: "Duet",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "duet", targets: ["duet"]),
+        .library(name: "DuetRuntime", targets: ["DuetRuntime"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // Tensors, dtypes, errors: the vocabulary every other module speaks.
+        .target(name: "DuetCore"),
+        // mmap, safetensors (single and sharded), HF config.json.
+        .target(name: "DuetFormats", dependencies: ["DuetCore"]),
+        // CPU kernels: matmul over stored-dtype weights, norms, rope, attention, routing.
+        .target(name: "DuetCPU", dependencies: ["DuetCore"]),
+        // One file per model family.
+        .target(name: "DuetModels", dependencies: ["DuetCore", "DuetFormats", "DuetCPU"]),
+        // KV cache, samplers, the generation loop.
+        .target(name: "DuetRuntime", dependencies: ["DuetCore", "DuetModels"]),
+        .executableTarget(name: "duet", dependencies: [
+            "DuetRuntime", "DuetModels", "DuetFormats",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "DuetFormatsTests", dependencies: ["DuetFormats"]),
+        .testTarget(name: "DuetCPUTests", dependencies: ["DuetCPU"]),
+        .testTarget(name: "DuetModelsTests", dependencies: ["DuetModels", "DuetRuntime"]),
+        .testTarget(name: "DuetRuntimeTests", dependencies: ["DuetRuntime"]),
+    ]
+)

@@ -1,0 +1,73 @@
+import DuetCore
+import DuetFormats
+
+/// What the generation loop needs from any model family.
+public protocol LanguageModel: AnyObject {
+    var vocabSize: Int { get }
+    /// Longest sequence (prompt + generated) the model accepts.
+    var maxPositions: Int { get }
+    /// Ids that end generation by default (config.json and generation_config.json).
+    var eosTokenIds: [Int] { get }
+    var bosTokenId: Int? { get }
+    /// What `duet info` prints.
+    var summary: ModelSummary { get }
+
+    /// An empty cache for one sequence.
+    func makeCache() -> KVCache
+
+    /// Runs `tokens` at positions `cache.length ..< cache.length + T`, appends their keys
+    /// and values to `cache`, and returns logits: `[V]` for the last token, or `[T, V]`
+    /// for every token when `allLogits` is true.
+    func forward(_ tokens: [Int32], cache: KVCache, allLogits: Bool) throws(ModelError) -> [Float]
+}
+
+/// Errors a forward pass reports on bad input (never a crash).
+public enum ModelError: Error, Equatable, CustomStringConvertible {
+    case emptyInput
+    case tokenOutOfRange(id: Int32, vocabSize: Int)
+    case contextFull(needed: Int, limit: Int)
+
+    public var description: String {
+        switch self {
+        case .emptyInput:
+            "no input tokens"
+        case .tokenOutOfRange(let id, let vocab):
+            "token id \(id) is outside the vocabulary (0..<\(vocab))"
+        case .contextFull(let needed, let limit):
+            "sequence of \(needed) tokens exceeds the model's \(limit) positions (max_position_embeddings)"
+        }
+    }
+}
+
+/// A model's configuration and sizes, for `duet info`.
+public struct ModelSummary: Sendable {
+    public var family: String
+    /// (HF name, value) in config order.
+    public var settings: [(String, String)]
+    public var totalParameters: Int
+    /// Parameters a token touches: everything but the experts, plus k experts per layer.
+    public var activeParameters: Int
+    public var parametersPerExpert: Int
+    /// Stored bytes per dtype.
+    public var bytesByDType: [String: Int]
+    public var files: [String]
+}
+
+/// The model families Duet can load, keyed by HF `model_type`.
+public enum ModelRegistry {
+    public static let families: [String: @Sendable (String) throws -> any LanguageModel] = [
+        "mixtral": { try MixtralModel(directory: $0) },
+    ]
+
+    public static var supportedTypes: [String] { families.keys.sorted() }
+
+    /// Loads the checkpoint in `directory` with the family its config.json names.
+    public static func load(directory: String) throws -> any LanguageModel {
+        let type = try ConfigFile.modelType(directory: directory)
+        guard let make = families[type] else {
+            throw ConfigError.unsupportedModelType(
+                file: joinPath(directory, "config.json"), modelType: type, supported: supportedTypes)
+        }
+        return try make(directory)
+    }
+}

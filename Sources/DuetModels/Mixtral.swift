@@ -1,0 +1,338 @@
+import DuetCore
+import DuetCPU
+import DuetFormats
+
+// Mixtral (HF `model_type: "mixtral"`): a Mistral decoder whose MLP is a sparse mixture of
+// SwiGLU experts with a top-k softmax router.
+//
+// Shape letters: T tokens in this step, D hidden, F expert FFN width, H query heads,
+// Hkv key/value heads, d head dim, E experts, k experts per token, V vocabulary.
+
+// MARK: - Configuration
+
+/// `config.json` of a Mixtral checkpoint. HF names are mapped once, in `CodingKeys`;
+/// absent optional fields take HF's `MixtralConfig` defaults.
+public struct MixtralConfiguration: Decodable, Sendable {
+    public var hiddenSize: Int             // D
+    public var intermediateSize: Int       // F
+    public var numHiddenLayers: Int
+    public var numAttentionHeads: Int      // H
+    public var numKeyValueHeads: Int       // Hkv
+    public var headDim: Int                // d; default D / H
+    public var numLocalExperts: Int        // E
+    public var numExpertsPerToken: Int     // k
+    public var rmsNormEps: Float
+    public var ropeTheta: Double
+    public var ropeType: String
+    public var vocabSize: Int              // V
+    public var maxPositionEmbeddings: Int
+    public var tieWordEmbeddings: Bool
+    public var bosTokenId: Int?
+    public var eosTokenIds: [Int]
+    public var slidingWindow: Int?
+    public var hiddenAct: String
+
+    enum CodingKeys: String, CodingKey {
+        case hiddenSize = "hidden_size"
+        case intermediateSize = "intermediate_size"
+        case numHiddenLayers = "num_hidden_layers"
+        case numAttentionHeads = "num_attention_heads"
+        case numKeyValueHeads = "num_key_value_heads"
+        case headDim = "head_dim"
+        case numLocalExperts = "num_local_experts"
+        case numExpertsPerToken = "num_experts_per_tok"
+        case rmsNormEps = "rms_norm_eps"
+        case ropeTheta = "rope_theta"
+        case ropeParameters = "rope_parameters"  // transformers >= 5 keeps rope_theta here
+        case ropeScaling = "rope_scaling"
+        case vocabSize = "vocab_size"
+        case maxPositionEmbeddings = "max_position_embeddings"
+        case tieWordEmbeddings = "tie_word_embeddings"
+        case bosTokenId = "bos_token_id"
+        case eosTokenId = "eos_token_id"
+        case slidingWindow = "sliding_window"
+        case hiddenAct = "hidden_act"
+    }
+
+    private struct RopeParameters: Decodable {
+        var rope_theta: Double?
+        var rope_type: String?
+        var type: String?
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        hiddenSize = try c.decode(Int.self, forKey: .hiddenSize)
+        intermediateSize = try c.decode(Int.self, forKey: .intermediateSize)
+        numHiddenLayers = try c.decode(Int.self, forKey: .numHiddenLayers)
+        numAttentionHeads = try c.decode(Int.self, forKey: .numAttentionHeads)
+        numKeyValueHeads = try c.decodeIfPresent(Int.self, forKey: .numKeyValueHeads) ?? 8
+        headDim = try c.decodeIfPresent(Int.self, forKey: .headDim) ?? hiddenSize / max(numAttentionHeads, 1)
+        numLocalExperts = try c.decode(Int.self, forKey: .numLocalExperts)
+        numExpertsPerToken = try c.decodeIfPresent(Int.self, forKey: .numExpertsPerToken) ?? 2
+        rmsNormEps = try c.decodeIfPresent(Float.self, forKey: .rmsNormEps) ?? 1e-5
+        vocabSize = try c.decode(Int.self, forKey: .vocabSize)
+        maxPositionEmbeddings = try c.decodeIfPresent(Int.self, forKey: .maxPositionEmbeddings) ?? 4096 * 32
+        tieWordEmbeddings = try c.decodeIfPresent(Bool.self, forKey: .tieWordEmbeddings) ?? false
+        bosTokenId = try c.decodeIfPresent(Int.self, forKey: .bosTokenId)
+        eosTokenIds = try c.decodeIfPresent(TokenIdList.self, forKey: .eosTokenId)?.ids ?? []
+        slidingWindow = try c.decodeIfPresent(Int.self, forKey: .slidingWindow)
+        hiddenAct = try c.decodeIfPresent(String.self, forKey: .hiddenAct) ?? "silu"
+        // Rope: `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (Hub checkpoints).
+        let params = try c.decodeIfPresent(RopeParameters.self, forKey: .ropeParameters)
+            ?? c.decodeIfPresent(RopeParameters.self, forKey: .ropeScaling)
+        ropeTheta = try params?.rope_theta ?? c.decodeIfPresent(Double.self, forKey: .ropeTheta) ?? 1e6
+        ropeType = params?.rope_type ?? params?.type ?? "default"
+    }
+
+    /// Rejects what the forward pass cannot run, naming the field.
+    public func validate(file: String) throws(ConfigError) {
+        func require(_ ok: Bool, _ field: String, _ reason: String) throws(ConfigError) {
+            if !ok { throw .invalid(file: file, field: field, reason: reason) }
+        }
+        for (field, value) in [("hidden_size", hiddenSize), ("intermediate_size", intermediateSize),
+                               ("num_hidden_layers", numHiddenLayers), ("num_attention_heads", numAttentionHeads),
+                               ("num_key_value_heads", numKeyValueHeads), ("head_dim", headDim),
+                               ("num_local_experts", numLocalExperts), ("num_experts_per_tok", numExpertsPerToken),
+                               ("vocab_size", vocabSize), ("max_position_embeddings", maxPositionEmbeddings)] {
+            try require(value > 0, field, "must be positive, is \(value)")
+        }
+        try require(numAttentionHeads % numKeyValueHeads == 0, "num_attention_heads",
+                    "(\(numAttentionHeads)) must be a multiple of num_key_value_heads (\(numKeyValueHeads))")
+        try require(headDim % 2 == 0, "head_dim", "must be even for rotary embeddings, is \(headDim)")
+        try require(numExpertsPerToken <= numLocalExperts, "num_experts_per_tok",
+                    "(\(numExpertsPerToken)) exceeds num_local_experts (\(numLocalExperts))")
+        try require(hiddenAct == "silu", "hidden_act", "'\(hiddenAct)' is not supported (only silu)")
+        try require(ropeType == "default", "rope_type", "'\(ropeType)' is not supported (only default rope)")
+        try require(ropeTheta > 0, "rope_theta", "must be positive")
+        try require(rmsNormEps > 0, "rms_norm_eps", "must be positive")
+        if let w = slidingWindow { try require(w > 0, "sliding_window", "must be positive or null, is \(w)") }
+    }
+
+    /// Parameters of one expert: w1 and w3 `[F, D]`, w2 `[D, F]`.
+    public var parametersPerExpert: Int { 3 * hiddenSize * intermediateSize }
+}
+
+// MARK: - Weights
+
+/// HF tensor names of a Mixtral checkpoint (the Hub layout; a pure function of indices).
+enum MixtralNames {
+    static let embed = "model.embed_tokens.weight"
+    static let norm = "model.norm.weight"
+    static let lmHead = "lm_head.weight"
+    static func layer(_ l: Int, _ suffix: String) -> String { "model.layers.\(l).\(suffix)" }
+    static func attention(_ l: Int, _ proj: String) -> String { layer(l, "self_attn.\(proj).weight") }
+    static func router(_ l: Int) -> String { layer(l, "block_sparse_moe.gate.weight") }
+    static func expert(_ l: Int, _ e: Int, _ w: String) -> String { layer(l, "block_sparse_moe.experts.\(e).\(w).weight") }
+}
+
+struct MixtralExpert {
+    let gate: WeightMatrix  // w1 [F, D]
+    let up: WeightMatrix    // w3 [F, D]
+    let down: WeightMatrix  // w2 [D, F]
+}
+
+struct MixtralLayer {
+    let inputNorm: [Float]          // [D]
+    let q: WeightMatrix             // [H * d, D]
+    let k: WeightMatrix             // [Hkv * d, D]
+    let v: WeightMatrix             // [Hkv * d, D]
+    let o: WeightMatrix             // [D, H * d]
+    let postAttentionNorm: [Float]  // [D]
+    let router: WeightMatrix        // [E, D]
+    let experts: [MixtralExpert]    // (E)
+}
+
+// MARK: - Model
+
+/// A Mixtral checkpoint ready to run on the CPU: weights stay mmap'ed in their stored
+/// dtype; activations are fp32.
+public final class MixtralModel: LanguageModel {
+    public let config: MixtralConfiguration
+    public let checkpoint: Checkpoint
+    let embed: WeightMatrix   // [V, D]
+    let layers: [MixtralLayer]
+    let norm: [Float]         // [D]
+    let lmHead: WeightMatrix  // [V, D]; the embedding when tied
+    let rope: Rope
+    public let eosTokenIds: [Int]
+
+    /// Opens `directory` (config.json, safetensors, optional generation_config.json) and
+    /// checks every tensor's name and shape; tensor data stays on disk until used.
+    public init(directory: String) throws {
+        let configPath = joinPath(directory, "config.json")
+        let config = try ConfigFile.decode(MixtralConfiguration.self, path: configPath)
+        try config.validate(file: configPath)
+        let checkpoint = try Checkpoint(directory: directory)
+        let c = config, D = c.hiddenSize, F = c.intermediateSize, d = c.headDim
+        embed = try checkpoint.matrix(MixtralNames.embed, rows: c.vocabSize, cols: D)
+        norm = try checkpoint.vector(MixtralNames.norm, count: D)
+        lmHead = c.tieWordEmbeddings ? embed : try checkpoint.matrix(MixtralNames.lmHead, rows: c.vocabSize, cols: D)
+        layers = try (0..<c.numHiddenLayers).map { (l) throws(CheckpointError) -> MixtralLayer in
+            MixtralLayer(
+                inputNorm: try checkpoint.vector(MixtralNames.layer(l, "input_layernorm.weight"), count: D),
+                q: try checkpoint.matrix(MixtralNames.attention(l, "q_proj"), rows: c.numAttentionHeads * d, cols: D),
+                k: try checkpoint.matrix(MixtralNames.attention(l, "k_proj"), rows: c.numKeyValueHeads * d, cols: D),
+                v: try checkpoint.matrix(MixtralNames.attention(l, "v_proj"), rows: c.numKeyValueHeads * d, cols: D),
+                o: try checkpoint.matrix(MixtralNames.attention(l, "o_proj"), rows: D, cols: c.numAttentionHeads * d),
+                postAttentionNorm: try checkpoint.vector(MixtralNames.layer(l, "post_attention_layernorm.weight"), count: D),
+                router: try checkpoint.matrix(MixtralNames.router(l), rows: c.numLocalExperts, cols: D),
+                experts: try (0..<c.numLocalExperts).map { (e) throws(CheckpointError) in
+                    MixtralExpert(
+                        gate: try checkpoint.matrix(MixtralNames.expert(l, e, "w1"), rows: F, cols: D),
+                        up: try checkpoint.matrix(MixtralNames.expert(l, e, "w3"), rows: F, cols: D),
+                        down: try checkpoint.matrix(MixtralNames.expert(l, e, "w2"), rows: D, cols: F))
+                })
+        }
+        rope = Rope(headDim: d, theta: c.ropeTheta)
+        let generation = try GenerationConfigFile.load(directory: directory)
+        var eos = c.eosTokenIds
+        for id in generation?.eosTokenId?.ids ?? [] where !eos.contains(id) { eos.append(id) }
+        eosTokenIds = eos
+        self.config = c
+        self.checkpoint = checkpoint
+    }
+
+    public var vocabSize: Int { config.vocabSize }
+    public var maxPositions: Int { config.maxPositionEmbeddings }
+    public var bosTokenId: Int? { config.bosTokenId }
+
+    public func makeCache() -> KVCache {
+        KVCache(layers: config.numHiddenLayers, kvHeads: config.numKeyValueHeads, headDim: config.headDim)
+    }
+
+    // MARK: forward
+
+    public func forward(_ tokens: [Int32], cache: KVCache, allLogits: Bool) throws(ModelError) -> [Float] {
+        let T = tokens.count, D = config.hiddenSize, start = cache.length
+        guard T > 0 else { throw .emptyInput }
+        if let bad = tokens.first(where: { $0 < 0 || Int($0) >= config.vocabSize }) {
+            throw .tokenOutOfRange(id: bad, vocabSize: config.vocabSize)
+        }
+        guard start + T <= maxPositions else { throw .contextFull(needed: start + T, limit: maxPositions) }
+        cache.reserve(T)
+
+        var x = embedTokens(tokens)                    // [T, D] residual stream
+        var h = [Float](repeating: 0, count: T * D)    // [T, D] normed input of a block
+        for (l, layer) in layers.enumerated() {
+            rmsNorm(x, weight: layer.inputNorm, eps: config.rmsNormEps, &h, tokens: T)
+            add(attentionBlock(h, layer: layer, index: l, cache: cache, tokens: T), into: &x)
+            rmsNorm(x, weight: layer.postAttentionNorm, eps: config.rmsNormEps, &h, tokens: T)
+            add(moeBlock(h, layer: layer, tokens: T), into: &x)
+        }
+        cache.advance(T)
+
+        let rows = allLogits ? T : 1                   // logits for every token, or the last
+        let last = Array(x[((T - rows) * D)...])       // [rows, D]
+        var normed = [Float](repeating: 0, count: rows * D)
+        rmsNorm(last, weight: norm, eps: config.rmsNormEps, &normed, tokens: rows)
+        var logits = [Float](repeating: 0, count: rows * config.vocabSize)  // [rows, V]
+        matmul(normed, lmHead, &logits, tokens: rows)
+        return logits
+    }
+
+    /// Rows of the embedding table, widened to fp32. `[T, D]`
+    private func embedTokens(_ tokens: [Int32]) -> [Float] {
+        let D = config.hiddenSize
+        var x = [Float](repeating: 0, count: tokens.count * D)
+        x.withUnsafeMutableBufferPointer { out in
+            for (t, id) in tokens.enumerated() { embed.loadRow(Int(id), into: out.baseAddress! + t * D) }
+        }
+        return x
+    }
+
+    /// Self-attention with rope and grouped KV heads; appends this step's K/V to the cache. `[T, D]`
+    private func attentionBlock(_ h: [Float], layer: MixtralLayer, index l: Int, cache: KVCache, tokens T: Int) -> [Float] {
+        let c = config, H = c.numAttentionHeads, Hkv = c.numKeyValueHeads, d = c.headDim
+        let start = cache.length
+        var q = [Float](repeating: 0, count: T * H * d)    // [T, H, d]
+        var k = [Float](repeating: 0, count: T * Hkv * d)  // [T, Hkv, d]
+        var v = [Float](repeating: 0, count: T * Hkv * d)  // [T, Hkv, d]
+        matmul(h, layer.q, &q, tokens: T)
+        matmul(h, layer.k, &k, tokens: T)
+        matmul(h, layer.v, &v, tokens: T)
+        rope.apply(&q, heads: H, positions: start..<(start + T))
+        rope.apply(&k, heads: Hkv, positions: start..<(start + T))
+        cache.store(layer: l, keys: k, values: v, count: T)
+
+        var o = [Float](repeating: 0, count: T * H * d)    // [T, H, d]
+        attention(queries: q, keys: cache.keys[l], values: cache.values[l], out: &o, tokens: T, start: start,
+                  heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
+        var out = [Float](repeating: 0, count: T * c.hiddenSize)  // [T, D]
+        matmul(o, layer.o, &out, tokens: T)
+        return out
+    }
+
+    /// Sparse MoE: route each token to k experts, run each chosen expert once over all the
+    /// tokens routed to it (its weights are read once per step), sum weighted outputs. `[T, D]`
+    private func moeBlock(_ h: [Float], layer: MixtralLayer, tokens T: Int) -> [Float] {
+        let c = config, D = c.hiddenSize, E = c.numLocalExperts
+        var routerLogits = [Float](repeating: 0, count: T * E)  // [T, E]
+        matmul(h, layer.router, &routerLogits, tokens: T)
+        let choices = routeTopK(routerLogits, tokens: T, experts: E, k: c.numExpertsPerToken)
+
+        var assigned = [[(token: Int, weight: Float)]](repeating: [], count: E)  // (E) tokens routed to e
+        for (t, choice) in choices.enumerated() {
+            for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append((t, w)) }
+        }
+        var out = [Float](repeating: 0, count: T * D)  // [T, D]
+        for e in 0..<E where !assigned[e].isEmpty {
+            let rows = assigned[e]
+            var xs = [Float](repeating: 0, count: rows.count * D)  // [Te, D]
+            for (i, r) in rows.enumerated() { xs.replaceSubrange((i * D)..<((i + 1) * D), with: h[(r.token * D)..<((r.token + 1) * D)]) }
+            let ys = expertFFN(xs, layer.experts[e], tokens: rows.count)  // [Te, D]
+            for (i, r) in rows.enumerated() {
+                for j in 0..<D { out[r.token * D + j] += r.weight * ys[i * D + j] }
+            }
+        }
+        return out
+    }
+
+    /// SwiGLU expert: `w2(silu(w1 x) * w3 x)`. x `[Te, D]` -> `[Te, D]`
+    private func expertFFN(_ x: [Float], _ expert: MixtralExpert, tokens T: Int) -> [Float] {
+        let F = config.intermediateSize
+        var gate = [Float](repeating: 0, count: T * F)  // [Te, F]
+        var up = [Float](repeating: 0, count: T * F)    // [Te, F]
+        matmul(x, expert.gate, &gate, tokens: T)
+        matmul(x, expert.up, &up, tokens: T)
+        siluMultiply(&gate, up, count: T * F)
+        var y = [Float](repeating: 0, count: T * config.hiddenSize)
+        matmul(gate, expert.down, &y, tokens: T)
+        return y
+    }
+
+    // MARK: summary
+
+    public var summary: ModelSummary {
+        let c = config
+        var total = 0
+        for f in checkpoint.files { for e in f.entries.values { total += e.shape.reduce(1, *) } }
+        let perExpert = c.parametersPerExpert
+        let inactive = c.numHiddenLayers * (c.numLocalExperts - c.numExpertsPerToken) * perExpert
+        return ModelSummary(
+            family: "mixtral",
+            settings: [
+                ("hidden_size", "\(c.hiddenSize)"), ("intermediate_size", "\(c.intermediateSize)"),
+                ("num_hidden_layers", "\(c.numHiddenLayers)"), ("num_attention_heads", "\(c.numAttentionHeads)"),
+                ("num_key_value_heads", "\(c.numKeyValueHeads)"), ("head_dim", "\(c.headDim)"),
+                ("num_local_experts", "\(c.numLocalExperts)"), ("num_experts_per_tok", "\(c.numExpertsPerToken)"),
+                ("vocab_size", "\(c.vocabSize)"), ("max_position_embeddings", "\(c.maxPositionEmbeddings)"),
+                ("rope_theta", "\(c.ropeTheta)"), ("rms_norm_eps", "\(c.rmsNormEps)"),
+                ("sliding_window", c.slidingWindow.map(String.init) ?? "none"),
+                ("tie_word_embeddings", "\(c.tieWordEmbeddings)"),
+                ("bos_token_id", c.bosTokenId.map(String.init) ?? "none"),
+                ("eos_token_id", eosTokenIds.map(String.init).joined(separator: ",")),
+            ],
+            totalParameters: total,
+            activeParameters: total - inactive,
+            parametersPerExpert: perExpert,
+            bytesByDType: checkpoint.bytesByDType(),
+            files: checkpoint.files.map(\.path))
+    }
+}
+
+/// `x += y`, elementwise.
+@inline(__always)
+func add(_ y: [Float], into x: inout [Float]) {
+    for i in x.indices { x[i] += y[i] }
+}

@@ -1,0 +1,9 @@
+import ArgumentParser
+
+@main
+struct Duet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "duet",
+        abstract: "Run Mixture-of-Experts language models larger than the GPU, fast.",
+        subcommands: [Generate.self, Info.self])
+}

@@ -1,0 +1,69 @@
+import ArgumentParser
+import DuetModels
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print a checkpoint's configuration, parameter counts and bytes by dtype (reads headers only).")
+
+    @OptionGroup var engine: EngineOptions
+
+    @Flag(name: .long, help: "Print one JSON object.")
+    var json = false
+
+    func run() throws {
+        let (model, loadSeconds) = try engine.load()
+        let s = model.summary
+        if json {
+            try Console.json(InfoOutput(
+                family: s.family, config: Dictionary(uniqueKeysWithValues: s.settings),
+                totalParameters: s.totalParameters, activeParameters: s.activeParameters,
+                parametersPerExpert: s.parametersPerExpert, bytesByDType: s.bytesByDType,
+                files: s.files, loadSeconds: loadSeconds))
+            return
+        }
+        var lines = ["family                 \(s.family)"]
+        for (k, v) in s.settings { lines.append(k.padding(24) + v) }
+        lines.append("parameters, total      \(grouped(s.totalParameters))")
+        lines.append("parameters, active     \(grouped(s.activeParameters)) per token")
+        lines.append("parameters, per expert \(grouped(s.parametersPerExpert))")
+        for (dtype, bytes) in s.bytesByDType.sorted(by: { $0.key < $1.key }) {
+            lines.append("bytes, \(dtype)".padding(24) + "\(grouped(bytes)) (\(fixed(Double(bytes) / 1_048_576, 1)) MiB)")
+        }
+        lines.append("files                  \(s.files.count)")
+        lines.append("load time              \(fixed(loadSeconds, 3)) s (headers only; weights stay mmap'ed)")
+        Console.out(lines.joined(separator: "\n") + "\n")
+    }
+}
+
+struct InfoOutput: Encodable {
+    var family: String
+    var config: [String: String]
+    var totalParameters: Int
+    var activeParameters: Int
+    var parametersPerExpert: Int
+    var bytesByDType: [String: Int]
+    var files: [String]
+    var loadSeconds: Double
+    enum CodingKeys: String, CodingKey {
+        case family, config, files
+        case totalParameters = "total_parameters", activeParameters = "active_parameters"
+        case parametersPerExpert = "parameters_per_expert", bytesByDType = "bytes_by_dtype", loadSeconds = "load_s"
+    }
+}
+
+extension String {
+    func padding(_ width: Int) -> String {
+        count >= width ? self + " " : self + String(repeating: " ", count: width - count)
+    }
+}
+
+/// 1234567 -> "1,234,567".
+func grouped(_ n: Int) -> String {
+    let digits = Array(String(n.magnitude))
+    var out = ""
+    for (i, c) in digits.enumerated() {
+        if i > 0 && (digits.count - i) % 3 == 0 { out.append(",") }
+        out.append(c)
+    }
+    return n < 0 ? "-" + out : out
+}
