@@ -26,9 +26,11 @@ let package = Package(
             "DuetRuntime", "DuetModels", "DuetFormats",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "DuetFormatsTests", dependencies: ["DuetFormats"]),
-        .testTarget(name: "DuetCPUTests", dependencies: ["DuetCPU"]),
-        .testTarget(name: "DuetModelsTests", dependencies: ["DuetModels", "DuetRuntime"]),
-        .testTarget(name: "DuetRuntimeTests", dependencies: ["DuetRuntime"]),
+        // Fixture paths, temporary directories, error metrics shared by the test targets.
+        .target(name: "DuetTestSupport", path: "Tests/DuetTestSupport"),
+        .testTarget(name: "DuetFormatsTests", dependencies: ["DuetFormats", "DuetTestSupport"]),
+        .testTarget(name: "DuetCPUTests", dependencies: ["DuetCPU", "DuetTestSupport"]),
+        .testTarget(name: "DuetModelsTests", dependencies: ["DuetModels", "DuetRuntime", "DuetTestSupport"]),
+        .testTarget(name: "DuetRuntimeTests", dependencies: ["DuetRuntime", "DuetModels", "DuetTestSupport"]),
     ]
 )
