@@ -16,6 +16,8 @@ let package = Package(
         .target(name: "DuetCore"),
         // mmap, safetensors (single and sharded), HF config.json.
         .target(name: "DuetFormats", dependencies: ["DuetCore"]),
+        // HF tokenizer.json: normalizers, pre-tokenizers, BPE, post-processors, decoders.
+        .target(name: "DuetTokenizer", dependencies: ["DuetFormats"]),
         // CPU kernels: matmul over stored-dtype weights, norms, rope, attention, routing.
         .target(name: "DuetCPU", dependencies: ["DuetCore"]),
         // One file per model family.
@@ -23,12 +25,13 @@ let package = Package(
         // KV cache, samplers, the generation loop.
         .target(name: "DuetRuntime", dependencies: ["DuetCore", "DuetModels"]),
         .executableTarget(name: "duet", dependencies: [
-            "DuetRuntime", "DuetModels", "DuetFormats",
+            "DuetRuntime", "DuetModels", "DuetFormats", "DuetTokenizer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Fixture paths, temporary directories, error metrics shared by the test targets.
         .target(name: "DuetTestSupport", path: "Tests/DuetTestSupport"),
         .testTarget(name: "DuetFormatsTests", dependencies: ["DuetFormats", "DuetTestSupport"]),
+        .testTarget(name: "DuetTokenizerTests", dependencies: ["DuetTokenizer", "DuetTestSupport"]),
         .testTarget(name: "DuetCPUTests", dependencies: ["DuetCPU", "DuetTestSupport"]),
         .testTarget(name: "DuetModelsTests", dependencies: ["DuetModels", "DuetRuntime", "DuetTestSupport"]),
         .testTarget(name: "DuetRuntimeTests", dependencies: ["DuetRuntime", "DuetModels", "DuetTestSupport"]),

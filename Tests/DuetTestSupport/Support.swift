@@ -63,3 +63,16 @@ public func randomFloats(_ count: Int, seed: UInt64) -> [Float] {
 public func bytes(of values: [Float]) -> [UInt8] {
     values.withUnsafeBytes { Array($0) }
 }
+
+/// The decompressed contents of a .gz file (through the system's gzip).
+public func gunzip(_ path: String) -> [UInt8]? {
+    guard let pipe = popen("gzip -dc '\(path)'", "r") else { return nil }
+    var out: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, pipe) }
+        if n <= 0 { break }
+        out += chunk[0..<n]
+    }
+    return pclose(pipe) == 0 ? out : nil
+}
