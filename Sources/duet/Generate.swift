@@ -1,6 +1,8 @@
 import ArgumentParser
+import DuetFormats
 import DuetModels
 import DuetRuntime
+import DuetTokenizer
 
 struct Generate: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -8,8 +10,11 @@ struct Generate: ParsableCommand {
 
     @OptionGroup var engine: EngineOptions
 
+    @Option(name: .long, help: "Prompt text (tokenized with the model's tokenizer.json).")
+    var prompt: String?
+
     @Option(name: .long, help: "Prompt as comma-separated token ids, e.g. 1,2,3.")
-    var promptIds: String
+    var promptIds: String?
 
     @Option(name: .long, help: "Most tokens to generate.")
     var maxTokens = 32
@@ -34,31 +39,41 @@ struct Generate: ParsableCommand {
         guard temperature >= 0, temperature.isFinite else { throw ValidationError("--temperature must be >= 0") }
         guard topK >= 0 else { throw ValidationError("--top-k must be >= 0") }
         guard topP > 0, topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
-        _ = try parsePromptIds()
-    }
-
-    func parsePromptIds() throws -> [Int32] {
-        let parts = promptIds.split(separator: ",", omittingEmptySubsequences: false)
-        let ids = parts.map { Int32(String($0.filter { !$0.isWhitespace })) }
-        guard !parts.isEmpty, ids.allSatisfy({ $0 != nil && $0! >= 0 }) else {
-            throw ValidationError("--prompt-ids must be comma-separated non-negative token ids, got '\(promptIds)'")
-        }
-        return ids.map { $0! }
+        guard (prompt == nil) != (promptIds == nil) else { throw ValidationError("give exactly one of --prompt and --prompt-ids") }
+        if let promptIds { _ = try parseIds(promptIds, option: "--prompt-ids") }
     }
 
     func run() throws {
-        let prompt = try parsePromptIds()
         let (model, loadSeconds) = try engine.load()
+        // Text in and out needs the model's tokenizer; ids alone do not.
+        let tokenizerPath = joinPath(engine.model, "tokenizer.json")
+        let tokenizer: Tokenizer? = fileExists(tokenizerPath) ? try Tokenizer(path: tokenizerPath) : nil
+        let promptTokens: [Int32]
+        if let prompt {
+            guard let tokenizer else {
+                throw CLIError("--prompt needs a tokenizer, and \(tokenizerPath) does not exist; use --prompt-ids")
+            }
+            promptTokens = try tokenizer.encode(prompt)
+        } else {
+            promptTokens = try parseIds(promptIds!, option: "--prompt-ids")
+        }
+        var stream = tokenizer.map { StreamingDecoder(tokenizer: $0, skipSpecialTokens: true) }
         let options = GenerationOptions(
             maxTokens: maxTokens,
             sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed))
-        let result = try generate(model: model, prompt: prompt, options: options) { id in
-            if !json { Console.out("\(id) ") }
+        var streamError: (any Error)?
+        let result = try generate(model: model, prompt: promptTokens, options: options) { id in
+            guard !json else { return }
+            if stream == nil { return Console.out("\(id) ") }
+            do { if let text = try stream?.step(id) { Console.out(text) } } catch { streamError = error }
         }
+        if let streamError { throw streamError }
+        if !json, let rest = try stream?.finish() { Console.out(rest) }
         let t = result.timings
         if json {
             try Console.json(GenerateOutput(
-                sequences: [.init(ids: result.ids, score: result.logProbability, finishReason: result.finishReason.rawValue)],
+                sequences: [.init(ids: result.ids, text: try tokenizer?.decode(result.ids, skipSpecialTokens: true),
+                                  score: result.logProbability, finishReason: result.finishReason.rawValue)],
                 timings: .init(loadSeconds: loadSeconds, promptTokens: t.promptTokens, prefillSeconds: t.prefillSeconds,
                                prefillTokensPerSecond: t.prefillTokensPerSecond, decodeTokens: t.decodeSteps,
                                decodeSeconds: t.decodeSeconds, decodeTokensPerSecond: t.decodeTokensPerSecond)))
@@ -75,9 +90,10 @@ struct Generate: ParsableCommand {
 struct GenerateOutput: Encodable {
     struct Sequence: Encodable {
         var ids: [Int32]
+        var text: String?
         var score: Double
         var finishReason: String
-        enum CodingKeys: String, CodingKey { case ids, score, finishReason = "finish_reason" }
+        enum CodingKeys: String, CodingKey { case ids, text, score, finishReason = "finish_reason" }
     }
     struct Timings: Encodable {
         var loadSeconds: Double

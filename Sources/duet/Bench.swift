@@ -1,0 +1,7 @@
+import ArgumentParser
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmarks: each figure printed with its reference or roofline (JSON + a table).",
+        subcommands: [BenchTokenizer.self])
+}
