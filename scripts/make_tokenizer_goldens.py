@@ -151,6 +151,75 @@ def golden_strings():
     return out
 
 
+def component_tokenizers(outdir, strings):
+    """Small tokenizers built and trained with HF tokenizers, exercising the components the two
+    real vocabularies do not (Metaspace, Digits, NFKC, Lowercase, Strip, unk fusing, added-token
+    flags, every Split behavior, regex fallbacks, string-form merges)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+    d = os.path.join(outdir, "components")
+    os.makedirs(d, exist_ok=True)
+    made = {}
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.train_from_iterator(strings[:700], trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<special>"], limit_alphabet=150))
+    tok.add_special_tokens([AddedToken("[MASK]", lstrip=True, rstrip=True, normalized=False, special=True)])
+    tok.add_tokens([AddedToken("<w>", single_word=True, normalized=False), AddedToken("hello", normalized=True),
+                    AddedToken("new york", normalized=True, single_word=True)])
+    tok.post_processor = processors.TemplateProcessing(single="<special> $A <special>", special_tokens=[("<special>", 1)])
+    made["metaspace"] = tok
+
+    # The same model with merges written in the older "a b" string form.
+    doc = json.loads(tok.to_str())
+    doc["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in doc["model"]["merges"]]
+    made["string-merges"] = Tokenizer.from_str(json.dumps(doc))
+
+    bl = Tokenizer(models.BPE())
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bl.decoder = decoders.ByteLevel()
+    bl.train_from_iterator(strings[:700], trainers.BpeTrainer(vocab_size=900, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    variants = {
+        "split-removed": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[,;]"), "removed"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)]),
+        "split-previous": pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "merged_with_previous"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "split-next": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\\s+"), "merged_with_next"),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "split-contiguous-inverted": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("[a-z]"), "contiguous", invert=True),
+                                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+        "digits-bytelevel": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    }
+    for name, pre in variants.items():
+        t = Tokenizer.from_str(bl.to_str())
+        t.pre_tokenizer = pre
+        if name == "digits-bytelevel":
+            t.normalizer = normalizers.NFKC()
+            t.post_processor = processors.ByteLevel(trim_offsets=False)
+        made[name] = t
+
+    rows = {}
+    subset = [i for i, s in enumerate(strings) if len(s) <= 400][::3]
+    for name, t in made.items():
+        path = os.path.join(d, f"{name}.json")
+        if name == "string-merges":
+            with open(path, "w") as f:
+                json.dump(doc, f, ensure_ascii=False)  # t.save() would write pairs again
+        else:
+            t.save(path)
+        t = Tokenizer.from_file(path)
+        rows[name] = [{"string": i, "ids": t.encode(strings[i]).ids} for i in subset]
+        for r in rows[name]:
+            r["decoded"] = t.decode(r["ids"], skip_special_tokens=False)
+            r["decoded_skip_special"] = t.decode(r["ids"], skip_special_tokens=True)
+    with open(os.path.join(outdir, "components.golden.json"), "w") as f:
+        json.dump({"tokenizers": tokenizers.__version__, "cases": rows}, f, ensure_ascii=False)
+    print(f"component tokenizers: {', '.join(made)}")
+
+
 def main():
     outdir = sys.argv[1] if len(sys.argv) > 1 else "Tests/Fixtures/tokenizers"
     os.makedirs(outdir, exist_ok=True)
@@ -159,6 +228,7 @@ def main():
     with open(os.path.join(outdir, "strings.json"), "w") as f:
         json.dump(strings, f, ensure_ascii=False, indent=0)
 
+    component_tokenizers(outdir, strings)
     mixtral, sp = mixtral_tokenizer(outdir)
     qwen, tiktok = qwen_tokenizer(outdir)
     for name, tok in (("mixtral", mixtral), ("qwen", qwen)):

@@ -35,6 +35,29 @@ indirect enum Normalizer: Sendable {
         }
     }
 
+    /// Whether normalizing `s` drops what it started with (Strip, or a Replace that deletes
+    /// the first characters): HF then no longer sees the text as starting at offset 0, which
+    /// decides Metaspace's `prepend_scheme: first`.
+    func dropsStart(_ s: [UInt8]) -> Bool {
+        switch self {
+        case .strip(let left, _):
+            return left && s.trimmingWhitespace(leading: true, trailing: false).count < s.count
+        case .replace(let from, let to):
+            return to.isEmpty && !from.isEmpty && s.starts(with: from)
+        case .replaceRegex(let re, let to):
+            return to.isEmpty && s.withUnsafeBufferPointer { re.matches($0).first?.lowerBound == 0 }
+        case .sequence(let parts):
+            var current = s
+            for p in parts {
+                if p.dropsStart(current) { return true }
+                current = p.apply(current)
+            }
+            return false
+        case .prepend, .nfc, .nfkc, .lowercase:
+            return false
+        }
+    }
+
     func apply(_ s: [UInt8]) -> [UInt8] {
         switch self {
         case .prepend(let p):

@@ -1,14 +1,17 @@
-/// Words cut from one text segment: byte ranges of `buffer`, each flagged when it begins
-/// at the start of the original input (Metaspace's `prepend_scheme: first` needs that).
+/// Words cut from one text segment: byte ranges of `buffer`. For each piece, `startSpans`
+/// counts its leading bytes that come from the first character of the original input (0 for
+/// most): HF's Metaspace `prepend_scheme: first` prepends to every piece whose original
+/// offset is 0 — also each piece a normalizer made out of that one character (NFKC's
+/// "↉" -> "0⁄3", split by Digits, gives three).
 struct Pieces {
     var buffer: [UInt8]
     var ranges: [Range<Int>]
-    var atStart: [Bool]
+    var startSpans: [Int]
 
-    init(_ bytes: [UInt8], atStart: Bool) {
+    init(_ bytes: [UInt8], startSpan: Int) {
         buffer = bytes
         ranges = bytes.isEmpty ? [] : [0..<bytes.count]
-        self.atStart = bytes.isEmpty ? [] : [atStart]
+        startSpans = bytes.isEmpty ? [] : [startSpan]
     }
 }
 
@@ -166,8 +169,8 @@ private func scalarMatches(_ p: UnsafeBufferPointer<UInt8>, _ ok: (ScalarClass) 
 private func rewriteEach(_ pieces: inout Pieces, _ transform: ([UInt8], Bool) -> [UInt8]) {
     var buffer: [UInt8] = []
     var ranges: [Range<Int>] = []
-    for (r, start) in zip(pieces.ranges, pieces.atStart) {
-        let out = transform(Array(pieces.buffer[r]), start)
+    for (r, span) in zip(pieces.ranges, pieces.startSpans) {
+        let out = transform(Array(pieces.buffer[r]), span > 0)
         ranges.append(buffer.count..<(buffer.count + out.count))
         buffer += out
     }
@@ -180,9 +183,9 @@ private func rewriteEach(_ pieces: inout Pieces, _ transform: ([UInt8], Bool) ->
 private func splitEach(_ pieces: inout Pieces, behavior: SplitBehavior, invert: Bool,
                        _ find: (UnsafeBufferPointer<UInt8>) -> [Range<Int>]) {
     var ranges: [Range<Int>] = []
-    var starts: [Bool] = []
+    var spans: [Int] = []
     pieces.buffer.withUnsafeBufferPointer { buf in
-        for (r, atStart) in zip(pieces.ranges, pieces.atStart) {
+        for (r, span) in zip(pieces.ranges, pieces.startSpans) {
             let p = UnsafeBufferPointer(rebasing: buf[r])
             // Alternating (range, isMatch) over the whole piece.
             var segments: [(Range<Int>, Bool)] = []
@@ -195,12 +198,12 @@ private func splitEach(_ pieces: inout Pieces, behavior: SplitBehavior, invert: 
             if last < p.count { segments.append((last..<p.count, invert)) }
             for s in merge(segments, behavior) {
                 ranges.append((r.lowerBound + s.lowerBound)..<(r.lowerBound + s.upperBound))
-                starts.append(atStart && s.lowerBound == 0)
+                spans.append(max(0, span - s.lowerBound))
             }
         }
     }
     pieces.ranges = ranges
-    pieces.atStart = starts
+    pieces.startSpans = spans
 }
 
 private func merge(_ segments: [(Range<Int>, Bool)], _ behavior: SplitBehavior) -> [Range<Int>] {

@@ -81,10 +81,11 @@ public final class Tokenizer: Sendable {
                 ids.append(id)
             case .text(let bytes, let atStart):
                 let normalized = normalizer?.apply(bytes) ?? bytes
-                for inner in normalizedMatcher.split(normalized, atStart: atStart) {
+                let startSpan = atStart ? firstCharacterSpan(bytes) : 0
+                for inner in normalizedMatcher.split(normalized, atStart: startSpan > 0) {
                     switch inner {
                     case .token(let id): ids.append(id)
-                    case .text(let b, let s): try encodeWords(b, atStart: s, into: &ids)
+                    case .text(let b, let s): try encodeWords(b, startSpan: s ? startSpan : 0, into: &ids)
                     }
                 }
             }
@@ -92,14 +93,23 @@ public final class Tokenizer: Sendable {
         return addSpecialTokens ? (postProcessor?.apply(ids) ?? ids) : ids
     }
 
-    private func encodeWords(_ bytes: [UInt8], atStart: Bool, into ids: inout [Int32]) throws(TokenizerError) {
-        var pieces = Pieces(bytes, atStart: atStart)
+    private func encodeWords(_ bytes: [UInt8], startSpan: Int, into ids: inout [Int32]) throws(TokenizerError) {
+        var pieces = Pieces(bytes, startSpan: startSpan)
         preTokenizer?.apply(&pieces)
         try pieces.buffer.withUnsafeBufferPointer { (p) throws(TokenizerError) in
             for r in pieces.ranges where !r.isEmpty {
                 try model.tokenize(p.baseAddress! + r.lowerBound, r.count, into: &ids)
             }
         }
+    }
+
+    /// Bytes of the normalized text that come from the input's first character: what the
+    /// normalizer makes of that character alone, or 0 when normalizing drops it (Strip).
+    private func firstCharacterSpan(_ bytes: [UInt8]) -> Int {
+        guard let lead = bytes.first else { return 0 }
+        let first = Array(bytes.prefix(scalarLength(lead)))
+        guard let normalizer else { return first.count }
+        return normalizer.dropsStart(bytes) ? 0 : normalizer.apply(first).count
     }
 
     // MARK: decode
