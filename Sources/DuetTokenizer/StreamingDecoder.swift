@@ -10,9 +10,16 @@ public struct StreamingDecoder {
     private var prefix = ""
     private var prefixIndex = 0
 
-    public init(tokenizer: Tokenizer, skipSpecialTokens: Bool = false) {
+    /// `context`: ids already shown (the prompt), so the first emitted text is what the new
+    /// ids add to it (" of", with its space) rather than a fresh decode ("of").
+    public init(tokenizer: Tokenizer, skipSpecialTokens: Bool = false, context: [Int32] = []) throws(TokenizerError) {
         self.tokenizer = tokenizer
         self.skipSpecialTokens = skipSpecialTokens
+        if !context.isEmpty {
+            ids = context
+            prefix = try tokenizer.decode(context, skipSpecialTokens: skipSpecialTokens)
+            prefixIndex = context.count
+        }
     }
 
     /// The text `id` completes, or nil while a character is still incomplete.

@@ -44,9 +44,9 @@ struct Generate: ParsableCommand {
     }
 
     func run() throws {
-        let (model, loadSeconds) = try engine.load()
+        let (model, directory, loadSeconds) = try engine.load()
         // Text in and out needs the model's tokenizer; ids alone do not.
-        let tokenizerPath = joinPath(engine.model, "tokenizer.json")
+        let tokenizerPath = joinPath(directory, "tokenizer.json")
         let tokenizer: Tokenizer? = fileExists(tokenizerPath) ? try Tokenizer(path: tokenizerPath) : nil
         let promptTokens: [Int32]
         if let prompt {
@@ -57,7 +57,9 @@ struct Generate: ParsableCommand {
         } else {
             promptTokens = try parseIds(promptIds!, option: "--prompt-ids")
         }
-        var stream = tokenizer.map { StreamingDecoder(tokenizer: $0, skipSpecialTokens: true) }
+        // Text streams as the continuation of the prompt (the prompt is echoed first).
+        var stream = try tokenizer.map { try StreamingDecoder(tokenizer: $0, skipSpecialTokens: true, context: promptTokens) }
+        if !json, stream != nil, let prompt { Console.out(prompt) }
         let options = GenerationOptions(
             maxTokens: maxTokens,
             sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed))
@@ -72,7 +74,7 @@ struct Generate: ParsableCommand {
         let t = result.timings
         if json {
             try Console.json(GenerateOutput(
-                sequences: [.init(ids: result.ids, text: try tokenizer?.decode(result.ids, skipSpecialTokens: true),
+                sequences: [.init(ids: result.ids, text: try tokenizer.map { try continuation($0, prompt: promptTokens, ids: result.ids) },
                                   score: result.logProbability, finishReason: result.finishReason.rawValue)],
                 timings: .init(loadSeconds: loadSeconds, promptTokens: t.promptTokens, prefillSeconds: t.prefillSeconds,
                                prefillTokensPerSecond: t.prefillTokensPerSecond, decodeTokens: t.decodeSteps,
@@ -84,6 +86,15 @@ struct Generate: ParsableCommand {
                 + "(\(fixed(t.decodeTokensPerSecond, 1)) tok/s) | \(result.finishReason.rawValue)\n")
         }
     }
+}
+
+/// What `ids` add to the prompt's text: decode(prompt + ids) minus decode(prompt), so the
+/// text appends to the prompt as it stands (with its leading space).
+func continuation(_ tokenizer: Tokenizer, prompt: [Int32], ids: [Int32]) throws -> String {
+    let before = try tokenizer.decode(prompt, skipSpecialTokens: true)
+    let all = try tokenizer.decode(prompt + ids, skipSpecialTokens: true)
+    return all.utf8.starts(with: before.utf8) ? String(decoding: all.utf8.dropFirst(before.utf8.count), as: UTF8.self)
+        : try tokenizer.decode(ids, skipSpecialTokens: true)
 }
 
 /// `duet generate --json`: the one output shape of docs/USAGE.md.

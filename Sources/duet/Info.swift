@@ -11,7 +11,7 @@ struct Info: ParsableCommand {
     var json = false
 
     func run() throws {
-        let (model, loadSeconds) = try engine.load()
+        let (model, _, loadSeconds) = try engine.load()
         let s = model.summary
         if json {
             try Console.json(InfoOutput(

@@ -76,3 +76,26 @@ public func gunzip(_ path: String) -> [UInt8]? {
     }
     return pclose(pipe) == 0 ? out : nil
 }
+
+/// The repository root (parent of Tests/).
+public let repositoryRoot: String = {
+    var parts = fixturesDirectory.split(separator: "/", omittingEmptySubsequences: false)
+    parts.removeLast(2)  // Tests/Fixtures
+    return parts.joined(separator: "/")
+}()
+
+/// The shipped demo model (Models/duet-demo-moe).
+public let demoModelDirectory = repositoryRoot + "/Models/duet-demo-moe"
+
+/// A fixture's bytes, decompressed when the name ends in .gz.
+public func fixtureBytes(_ name: String) throws -> [UInt8] {
+    let path = fixture(name)
+    if name.hasSuffix(".gz") {
+        guard let bytes = gunzip(path) else { throw FixtureError.unreadable(path) }
+        return bytes
+    }
+    guard let data = FileManager.default.contents(atPath: path) else { throw FixtureError.unreadable(path) }
+    return Array(data)
+}
+
+public enum FixtureError: Error { case unreadable(String) }

@@ -27,7 +27,7 @@ private let componentNames = ["metaspace", "string-merges", "split-removed", "sp
 
 @Suite struct ComponentTests {
     static let golden: ComponentGolden = try! JSONDecoder().decode(
-        ComponentGolden.self, from: Data(readSmallFile(fixture("tokenizers/components.golden.json"))))
+        ComponentGolden.self, from: Data(fixtureBytes("tokenizers/components.golden.json.gz")))
 
     @Test(arguments: componentNames)
     func matchesHFTokenizers(name: String) throws {

@@ -23,10 +23,11 @@ enum Fixtures {
         [String].self, from: Data(readSmallFile(fixture("tokenizers/strings.json"))))
 
     static func golden(_ name: String) throws -> TokenizerGolden {
-        try JSONDecoder().decode(TokenizerGolden.self, from: Data(readSmallFile(fixture("tokenizers/\(name).golden.json"))))
+        try JSONDecoder().decode(TokenizerGolden.self, from: Data(fixtureBytes("tokenizers/\(name).golden.json.gz")))
     }
 
-    static let mixtral: Tokenizer = try! Tokenizer(path: fixture("tokenizers/mixtral/tokenizer.json"))
+    /// Mixtral's tokenizer ships with the demo model, which uses it.
+    static let mixtral: Tokenizer = try! Tokenizer(path: demoModelDirectory + "/tokenizer.json")
     /// Qwen's tokenizer.json is stored gzipped (19 MB raw).
     static let qwen: Tokenizer = {
         let path = fixture("tokenizers/qwen/tokenizer.json.gz")
@@ -45,7 +46,7 @@ private func check(_ tokenizer: Tokenizer, _ golden: TokenizerGolden) throws {
         if try tokenizer.decode(c.ids) != c.decoded || tokenizer.decode(c.ids, skipSpecialTokens: true) != c.decoded_skip_special {
             decodeMismatches.append(s.debugDescription)
         }
-        var stream = StreamingDecoder(tokenizer: tokenizer)
+        var stream = try StreamingDecoder(tokenizer: tokenizer)
         var text = ""
         for id in c.ids { text += try stream.step(id) ?? "" }
         text += try stream.finish()

@@ -1,0 +1,43 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import DuetModels
+import DuetRuntime
+import DuetTestSupport
+import DuetTokenizer
+import Testing
+
+/// HF transformers' fp32 greedy output on the shipped demo model's stored bf16 weights
+/// (scripts/train_demo_moe.py, which trained it).
+struct DemoGolden: Decodable {
+    struct Case: Decodable {
+        let prompt: String
+        let prompt_ids: [Int32]
+        let prefill_logits: [Float]
+        let greedy: [Int32]
+        let margins: [Float]
+        let text: String
+    }
+    let cases: [Case]
+}
+
+@Suite(.serialized) struct DemoModelTests {
+    @Test func greedyOutputMatchesHFOnTheReferencePath() throws {
+        let golden = try JSONDecoder().decode(DemoGolden.self, from: Data(fixtureBytes("duet-demo-moe.golden.json.gz")))
+        let model = try ModelRegistry.load(directory: demoModelDirectory)
+        let tokenizer = try Tokenizer(path: demoModelDirectory + "/tokenizer.json")
+        #expect(golden.cases.count == 3)
+        for c in golden.cases {
+            #expect(try tokenizer.encode(c.prompt) == c.prompt_ids, "prompt \(c.prompt)")
+            let prefill = try model.forward(c.prompt_ids, cache: model.makeCache(), allLogits: false)
+            // The golden keeps 5 decimals: ~1e-6 relative on logits of this size.
+            #expect(relativeL2Error(prefill, c.prefill_logits) < 1e-4, "prompt \(c.prompt)")
+            let result = try generate(model: model, prompt: c.prompt_ids,
+                                      options: GenerationOptions(maxTokens: c.greedy.count, stopTokenIds: []))
+            #expect(result.ids == c.greedy, "prompt \(c.prompt)")
+            #expect(try tokenizer.decode(result.ids, skipSpecialTokens: true) == c.text)
+        }
+    }
+}
