@@ -13,13 +13,15 @@ let package = Package(
     ],
     targets: [
         // Tensors, dtypes, errors: the vocabulary every other module speaks.
-        .target(name: "DuetCore"),
+        .target(name: "DuetCore", dependencies: ["CDuetKernels"]),
         // mmap, safetensors (single and sharded), HF config.json.
         .target(name: "DuetFormats", dependencies: ["DuetCore"]),
         // HF tokenizer.json: normalizers, pre-tokenizers, BPE, post-processors, decoders.
         .target(name: "DuetTokenizer", dependencies: ["DuetFormats"]),
-        // CPU kernels: matmul over stored-dtype weights, norms, rope, attention, routing.
-        .target(name: "DuetCPU", dependencies: ["DuetCore"]),
+        // C with AVX-512 / AMX intrinsics, chosen at run time (Swift cannot emit AMX).
+        .target(name: "CDuetKernels"),
+        // CPU kernels: matmul over stored-dtype weights, expert FFN, norms, rope, attention, routing.
+        .target(name: "DuetCPU", dependencies: ["DuetCore", "CDuetKernels"]),
         // One file per model family.
         .target(name: "DuetModels", dependencies: ["DuetCore", "DuetFormats", "DuetCPU"]),
         // KV cache, samplers, the generation loop.

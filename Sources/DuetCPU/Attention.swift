@@ -14,7 +14,7 @@ import DuetCore
 public func attention(
     queries q: UnsafePointer<Float>, keys: UnsafePointer<Float>, values: UnsafePointer<Float>,
     out: UnsafeMutablePointer<Float>, tokens T: Int, start: Int,
-    heads: Int, kvHeads: Int, headDim: Int, window: Int?
+    heads: Int, kvHeads: Int, headDim: Int, window: Int?, pool: ThreadPool
 ) {
     let group = heads / kvHeads
     let scale = 1 / Float(headDim).squareRoot()
@@ -46,9 +46,5 @@ public func attention(
             for d in 0..<headDim { o[d] += w * v[d] }
         }
     }
-    if T * heads * (start + T) * headDim >= 1 << 16 {
-        parallelFor(T * heads, body)
-    } else {
-        for job in 0..<(T * heads) { body(job) }
-    }
+    pool.parallelFor(T * heads, body)
 }

@@ -1,5 +1,26 @@
+import DuetCPU
 import DuetCore
 import DuetFormats
+
+/// Where a model's tensors come from: a checkpoint on disk or synthetic weights in memory.
+/// The model code after loading is the same for both.
+public protocol WeightSource: AnyObject, Sendable {
+    /// A `[rows, cols]` matrix in its stored dtype.
+    func matrix(_ name: String, rows: Int, cols: Int) throws -> WeightMatrix
+    /// A `[count]` vector widened to fp32.
+    func vector(_ name: String, count: Int) throws -> [Float]
+    var parameterCount: Int { get }
+    func bytesByDType() -> [String: Int]
+    /// Files the weights come from (none for synthetic weights).
+    var filePaths: [String] { get }
+}
+
+extension Checkpoint: WeightSource {
+    public var parameterCount: Int {
+        files.reduce(0) { total, f in f.entries.values.reduce(total) { $0 + $1.shape.reduce(1, *) } }
+    }
+    public var filePaths: [String] { files.map(\.path) }
+}
 
 /// What the generation loop needs from any model family.
 public protocol LanguageModel: AnyObject {
@@ -55,19 +76,19 @@ public struct ModelSummary: Sendable {
 
 /// The model families Duet can load, keyed by HF `model_type`.
 public enum ModelRegistry {
-    public static let families: [String: @Sendable (String) throws -> any LanguageModel] = [
-        "mixtral": { try MixtralModel(directory: $0) },
+    public static let families: [String: @Sendable (String, CPUKernels) throws -> any LanguageModel] = [
+        "mixtral": { try MixtralModel(directory: $0, kernels: $1) },
     ]
 
     public static var supportedTypes: [String] { families.keys.sorted() }
 
     /// Loads the checkpoint in `directory` with the family its config.json names.
-    public static func load(directory: String) throws -> any LanguageModel {
+    public static func load(directory: String, kernels: CPUKernels) throws -> any LanguageModel {
         let type = try ConfigFile.modelType(directory: directory)
         guard let make = families[type] else {
             throw ConfigError.unsupportedModelType(
                 file: joinPath(directory, "config.json"), modelType: type, supported: supportedTypes)
         }
-        return try make(directory)
+        return try make(directory, kernels)
     }
 }

@@ -54,6 +54,31 @@ public struct MixtralConfiguration: Decodable, Sendable {
         case hiddenAct = "hidden_act"
     }
 
+    /// A configuration built in code (synthetic models); HF defaults for what is not given.
+    public init(hiddenSize: Int, intermediateSize: Int, numHiddenLayers: Int, numAttentionHeads: Int,
+                numKeyValueHeads: Int, headDim: Int? = nil, numLocalExperts: Int, numExpertsPerToken: Int = 2,
+                vocabSize: Int, maxPositionEmbeddings: Int = 32768, ropeTheta: Double = 1e6, rmsNormEps: Float = 1e-5,
+                tieWordEmbeddings: Bool = false, bosTokenId: Int? = 1, eosTokenIds: [Int] = [2], slidingWindow: Int? = nil) {
+        self.hiddenSize = hiddenSize
+        self.intermediateSize = intermediateSize
+        self.numHiddenLayers = numHiddenLayers
+        self.numAttentionHeads = numAttentionHeads
+        self.numKeyValueHeads = numKeyValueHeads
+        self.headDim = headDim ?? hiddenSize / numAttentionHeads
+        self.numLocalExperts = numLocalExperts
+        self.numExpertsPerToken = numExpertsPerToken
+        self.rmsNormEps = rmsNormEps
+        self.ropeTheta = ropeTheta
+        self.ropeType = "default"
+        self.vocabSize = vocabSize
+        self.maxPositionEmbeddings = maxPositionEmbeddings
+        self.tieWordEmbeddings = tieWordEmbeddings
+        self.bosTokenId = bosTokenId
+        self.eosTokenIds = eosTokenIds
+        self.slidingWindow = slidingWindow
+        self.hiddenAct = "silu"
+    }
+
     private struct RopeParameters: Decodable {
         var rope_theta: Double?
         var rope_type: String?
@@ -145,11 +170,12 @@ struct MixtralLayer {
 
 // MARK: - Model
 
-/// A Mixtral checkpoint ready to run on the CPU: weights stay mmap'ed in their stored
-/// dtype; activations are fp32.
+/// A Mixtral model ready to run on the CPU: weights stay where their source keeps them
+/// (mmap'ed checkpoint, or synthetic memory) in their stored dtype; activations are fp32.
 public final class MixtralModel: LanguageModel {
     public let config: MixtralConfiguration
-    public let checkpoint: Checkpoint
+    public let weights: any WeightSource
+    public let kernels: CPUKernels
     let embed: WeightMatrix   // [V, D]
     let layers: [MixtralLayer]
     let norm: [Float]         // [D]
@@ -159,38 +185,43 @@ public final class MixtralModel: LanguageModel {
 
     /// Opens `directory` (config.json, safetensors, optional generation_config.json) and
     /// checks every tensor's name and shape; tensor data stays on disk until used.
-    public init(directory: String) throws {
+    public convenience init(directory: String, kernels: CPUKernels) throws {
         let configPath = joinPath(directory, "config.json")
         let config = try ConfigFile.decode(MixtralConfiguration.self, path: configPath)
         try config.validate(file: configPath)
         let checkpoint = try Checkpoint(directory: directory)
-        let c = config, D = c.hiddenSize, F = c.intermediateSize, d = c.headDim
-        embed = try checkpoint.matrix(MixtralNames.embed, rows: c.vocabSize, cols: D)
-        norm = try checkpoint.vector(MixtralNames.norm, count: D)
-        lmHead = c.tieWordEmbeddings ? embed : try checkpoint.matrix(MixtralNames.lmHead, rows: c.vocabSize, cols: D)
-        layers = try (0..<c.numHiddenLayers).map { (l) throws(CheckpointError) -> MixtralLayer in
+        var eos = config.eosTokenIds
+        for id in try GenerationConfigFile.load(directory: directory)?.eosTokenId?.ids ?? [] where !eos.contains(id) { eos.append(id) }
+        try self.init(config: config, weights: checkpoint, kernels: kernels, eosTokenIds: eos)
+    }
+
+    /// A model over any weight source (checkpoint or synthetic) with a validated config.
+    public init(config c: MixtralConfiguration, weights: any WeightSource, kernels: CPUKernels, eosTokenIds: [Int]) throws {
+        let D = c.hiddenSize, F = c.intermediateSize, d = c.headDim
+        embed = try weights.matrix(MixtralNames.embed, rows: c.vocabSize, cols: D)
+        norm = try weights.vector(MixtralNames.norm, count: D)
+        lmHead = c.tieWordEmbeddings ? embed : try weights.matrix(MixtralNames.lmHead, rows: c.vocabSize, cols: D)
+        layers = try (0..<c.numHiddenLayers).map { l in
             MixtralLayer(
-                inputNorm: try checkpoint.vector(MixtralNames.layer(l, "input_layernorm.weight"), count: D),
-                q: try checkpoint.matrix(MixtralNames.attention(l, "q_proj"), rows: c.numAttentionHeads * d, cols: D),
-                k: try checkpoint.matrix(MixtralNames.attention(l, "k_proj"), rows: c.numKeyValueHeads * d, cols: D),
-                v: try checkpoint.matrix(MixtralNames.attention(l, "v_proj"), rows: c.numKeyValueHeads * d, cols: D),
-                o: try checkpoint.matrix(MixtralNames.attention(l, "o_proj"), rows: D, cols: c.numAttentionHeads * d),
-                postAttentionNorm: try checkpoint.vector(MixtralNames.layer(l, "post_attention_layernorm.weight"), count: D),
-                router: try checkpoint.matrix(MixtralNames.router(l), rows: c.numLocalExperts, cols: D),
-                experts: try (0..<c.numLocalExperts).map { (e) throws(CheckpointError) in
+                inputNorm: try weights.vector(MixtralNames.layer(l, "input_layernorm.weight"), count: D),
+                q: try weights.matrix(MixtralNames.attention(l, "q_proj"), rows: c.numAttentionHeads * d, cols: D),
+                k: try weights.matrix(MixtralNames.attention(l, "k_proj"), rows: c.numKeyValueHeads * d, cols: D),
+                v: try weights.matrix(MixtralNames.attention(l, "v_proj"), rows: c.numKeyValueHeads * d, cols: D),
+                o: try weights.matrix(MixtralNames.attention(l, "o_proj"), rows: D, cols: c.numAttentionHeads * d),
+                postAttentionNorm: try weights.vector(MixtralNames.layer(l, "post_attention_layernorm.weight"), count: D),
+                router: try weights.matrix(MixtralNames.router(l), rows: c.numLocalExperts, cols: D),
+                experts: try (0..<c.numLocalExperts).map { e in
                     MixtralExpert(
-                        gate: try checkpoint.matrix(MixtralNames.expert(l, e, "w1"), rows: F, cols: D),
-                        up: try checkpoint.matrix(MixtralNames.expert(l, e, "w3"), rows: F, cols: D),
-                        down: try checkpoint.matrix(MixtralNames.expert(l, e, "w2"), rows: D, cols: F))
+                        gate: try weights.matrix(MixtralNames.expert(l, e, "w1"), rows: F, cols: D),
+                        up: try weights.matrix(MixtralNames.expert(l, e, "w3"), rows: F, cols: D),
+                        down: try weights.matrix(MixtralNames.expert(l, e, "w2"), rows: D, cols: F))
                 })
         }
         rope = Rope(headDim: d, theta: c.ropeTheta)
-        let generation = try GenerationConfigFile.load(directory: directory)
-        var eos = c.eosTokenIds
-        for id in generation?.eosTokenId?.ids ?? [] where !eos.contains(id) { eos.append(id) }
-        eosTokenIds = eos
+        self.eosTokenIds = eosTokenIds
         self.config = c
-        self.checkpoint = checkpoint
+        self.weights = weights
+        self.kernels = kernels
     }
 
     public var vocabSize: Int { config.vocabSize }
@@ -227,7 +258,7 @@ public final class MixtralModel: LanguageModel {
         var normed = [Float](repeating: 0, count: rows * D)
         rmsNorm(last, weight: norm, eps: config.rmsNormEps, &normed, tokens: rows)
         var logits = [Float](repeating: 0, count: rows * config.vocabSize)  // [rows, V]
-        matmul(normed, lmHead, &logits, tokens: rows)
+        kernels.matmul(normed, lmHead, &logits, tokens: rows)
         return logits
     }
 
@@ -248,18 +279,18 @@ public final class MixtralModel: LanguageModel {
         var q = [Float](repeating: 0, count: T * H * d)    // [T, H, d]
         var k = [Float](repeating: 0, count: T * Hkv * d)  // [T, Hkv, d]
         var v = [Float](repeating: 0, count: T * Hkv * d)  // [T, Hkv, d]
-        matmul(h, layer.q, &q, tokens: T)
-        matmul(h, layer.k, &k, tokens: T)
-        matmul(h, layer.v, &v, tokens: T)
+        kernels.matmul(h, layer.q, &q, tokens: T)
+        kernels.matmul(h, layer.k, &k, tokens: T)
+        kernels.matmul(h, layer.v, &v, tokens: T)
         rope.apply(&q, heads: H, positions: start..<(start + T))
         rope.apply(&k, heads: Hkv, positions: start..<(start + T))
         cache.store(layer: l, keys: k, values: v, count: T)
 
         var o = [Float](repeating: 0, count: T * H * d)    // [T, H, d]
         attention(queries: q, keys: cache.keys[l], values: cache.values[l], out: &o, tokens: T, start: start,
-                  heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
+                  heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow, pool: kernels.pool)
         var out = [Float](repeating: 0, count: T * c.hiddenSize)  // [T, D]
-        matmul(o, layer.o, &out, tokens: T)
+        kernels.matmul(o, layer.o, &out, tokens: T)
         return out
     }
 
@@ -268,7 +299,7 @@ public final class MixtralModel: LanguageModel {
     private func moeBlock(_ h: [Float], layer: MixtralLayer, tokens T: Int) -> [Float] {
         let c = config, D = c.hiddenSize, E = c.numLocalExperts
         var routerLogits = [Float](repeating: 0, count: T * E)  // [T, E]
-        matmul(h, layer.router, &routerLogits, tokens: T)
+        kernels.matmul(h, layer.router, &routerLogits, tokens: T)
         let choices = routeTopK(routerLogits, tokens: T, experts: E, k: c.numExpertsPerToken)
 
         var assigned = [[(token: Int, weight: Float)]](repeating: [], count: E)  // (E) tokens routed to e
@@ -290,14 +321,8 @@ public final class MixtralModel: LanguageModel {
 
     /// SwiGLU expert: `w2(silu(w1 x) * w3 x)`. x `[Te, D]` -> `[Te, D]`
     private func expertFFN(_ x: [Float], _ expert: MixtralExpert, tokens T: Int) -> [Float] {
-        let F = config.intermediateSize
-        var gate = [Float](repeating: 0, count: T * F)  // [Te, F]
-        var up = [Float](repeating: 0, count: T * F)    // [Te, F]
-        matmul(x, expert.gate, &gate, tokens: T)
-        matmul(x, expert.up, &up, tokens: T)
-        siluMultiply(&gate, up, count: T * F)
         var y = [Float](repeating: 0, count: T * config.hiddenSize)
-        matmul(gate, expert.down, &y, tokens: T)
+        kernels.expertFFN(x, gate: expert.gate, up: expert.up, down: expert.down, &y, tokens: T)
         return y
     }
 
@@ -305,8 +330,7 @@ public final class MixtralModel: LanguageModel {
 
     public var summary: ModelSummary {
         let c = config
-        var total = 0
-        for f in checkpoint.files { for e in f.entries.values { total += e.shape.reduce(1, *) } }
+        let total = weights.parameterCount
         let perExpert = c.parametersPerExpert
         let inactive = c.numHiddenLayers * (c.numLocalExperts - c.numExpertsPerToken) * perExpert
         return ModelSummary(
@@ -326,8 +350,8 @@ public final class MixtralModel: LanguageModel {
             totalParameters: total,
             activeParameters: total - inactive,
             parametersPerExpert: perExpert,
-            bytesByDType: checkpoint.bytesByDType(),
-            files: checkpoint.files.map(\.path))
+            bytesByDType: weights.bytesByDType(),
+            files: weights.filePaths)
     }
 }
 

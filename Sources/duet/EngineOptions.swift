@@ -4,14 +4,54 @@ import Glibc
 import Darwin
 #endif
 import ArgumentParser
+import DuetCPU
 import DuetCore
 import DuetFormats
 import DuetModels
+
+/// Where experts run. Only the CPU exists until the CUDA backend lands.
+enum Strategy: String, ExpressibleByArgument, CaseIterable {
+    case fiddler, cpuOnly = "cpu-only", gpuOnly = "gpu-only", gpuSwap = "gpu-swap", layerSplit = "layer-split"
+}
+
+extension KernelPath: ExpressibleByArgument {}
 
 /// Options every verb that runs a model shares.
 struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "Hugging Face checkpoint directory (config.json + safetensors [+ tokenizer.json]). Default: $DUET_MODEL, else the built-in demo model.")
     var model: String?
+
+    @Option(name: .long, help: "Instead of --model: deterministic random weights of a named geometry (\(SyntheticGeometry.names.joined(separator: ", "))).")
+    var synthetic: String?
+
+    @Option(name: .long, help: "With --synthetic: number of layers (default: the geometry's).")
+    var layers: Int?
+
+    @Option(name: .long, help: "With --synthetic: the weights' seed.")
+    var syntheticSeed: UInt64 = 0
+
+    @Option(name: .long, help: "CPU threads (default: all cores).")
+    var threads: Int?
+
+    @Option(name: .long, help: "CPU kernel path: auto, reference, portable, avx512, amx.")
+    var kernels: KernelPath = .auto
+
+    @Option(name: .long, help: "Where experts run: cpu-only (the only strategy until the CUDA backend lands), fiddler, gpu-only, gpu-swap, layer-split.")
+    var strategy: Strategy = .cpuOnly
+
+    func validate() throws {
+        if model != nil && synthetic != nil { throw ValidationError("give --model or --synthetic, not both") }
+        if synthetic == nil && layers != nil { throw ValidationError("--layers goes with --synthetic") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if strategy != .cpuOnly {
+            throw ValidationError("--strategy \(strategy.rawValue) needs the CUDA backend, which this build does not have yet; use cpu-only")
+        }
+    }
+
+    /// The kernels (and thread pool) the options ask for.
+    func makeKernels() throws -> CPUKernels {
+        try CPUKernels(kernels, pool: ThreadPool(threads: threads ?? ThreadPool.availableCores))
+    }
 
     /// The model directory to use, saying so when it is the built-in one.
     func modelDirectory() throws -> String {
@@ -25,11 +65,16 @@ struct EngineOptions: ParsableArguments {
         return found
     }
 
-    /// Loads the model and reports how long it took.
-    func load() throws -> (model: any LanguageModel, directory: String, seconds: Double) {
-        let directory = try modelDirectory()
+    /// Loads the model (directory nil for synthetic weights) and reports how long it took.
+    func load() throws -> (model: any LanguageModel, directory: String?, seconds: Double) {
+        let kernels = try makeKernels()
         let start = ContinuousClock.now
-        let model = try ModelRegistry.load(directory: directory)
+        if let synthetic {
+            let model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, kernels: kernels)
+            return (model, nil, secondsSince(start))
+        }
+        let directory = try modelDirectory()
+        let model = try ModelRegistry.load(directory: directory, kernels: kernels)
         return (model, directory, secondsSince(start))
     }
 }

@@ -46,12 +46,12 @@ struct Generate: ParsableCommand {
     func run() throws {
         let (model, directory, loadSeconds) = try engine.load()
         // Text in and out needs the model's tokenizer; ids alone do not.
-        let tokenizerPath = joinPath(directory, "tokenizer.json")
-        let tokenizer: Tokenizer? = fileExists(tokenizerPath) ? try Tokenizer(path: tokenizerPath) : nil
+        let tokenizerPath = directory.map { joinPath($0, "tokenizer.json") }
+        let tokenizer: Tokenizer? = try tokenizerPath.flatMap { fileExists($0) ? try Tokenizer(path: $0) : nil }
         let promptTokens: [Int32]
         if let prompt {
             guard let tokenizer else {
-                throw CLIError("--prompt needs a tokenizer, and \(tokenizerPath) does not exist; use --prompt-ids")
+                throw CLIError("--prompt needs a tokenizer, and \(tokenizerPath ?? "a synthetic model") has none; use --prompt-ids")
             }
             promptTokens = try tokenizer.encode(prompt)
         } else {

@@ -6,45 +6,27 @@ import DuetCore
 import DuetTestSupport
 import Testing
 
+/// A `[rows, cols]` weight matrix in `dtype` made from `values`, with the exact fp32 values it holds.
+func makeWeights(_ values: [Float], rows: Int, cols: Int, dtype: DType) -> (WeightMatrix, [Float], AnyObject) {
+    final class Storage { var bytes: [UInt8]; init(_ b: [UInt8]) { bytes = b } }
+    let stored: [UInt8]
+    let exact: [Float]
+    switch dtype {
+    case .f32:
+        stored = bytes(of: values); exact = values
+    case .bf16:
+        let b = values.map(floatToBF16); stored = b.withUnsafeBytes { Array($0) }; exact = b.map(bf16ToFloat)
+    case .f16:
+        let h = values.map { Float16($0).bitPattern }; stored = h.withUnsafeBytes { Array($0) }; exact = h.map(f16ToFloat)
+    }
+    let storage = Storage(stored)
+    let base = storage.bytes.withUnsafeBytes { $0.baseAddress! }  // stable: the array is never mutated again
+    let view = TensorView(name: "w", dtype: dtype, shape: [rows, cols], base: base, owner: storage)
+    return (WeightMatrix(view), exact, storage)
+}
+
 /// Kernels against straightforward fp64 references on random inputs.
 @Suite struct KernelTests {
-    private func weights(_ values: [Float], rows: Int, cols: Int, dtype: DType) -> (WeightMatrix, [Float], AnyObject) {
-        final class Storage { var bytes: [UInt8]; init(_ b: [UInt8]) { bytes = b } }
-        let stored: [UInt8]
-        let exact: [Float]
-        switch dtype {
-        case .f32:
-            stored = bytes(of: values); exact = values
-        case .bf16:
-            let b = values.map(floatToBF16); stored = b.withUnsafeBytes { Array($0) }; exact = b.map(bf16ToFloat)
-        case .f16:
-            let h = values.map { Float16($0).bitPattern }; stored = h.withUnsafeBytes { Array($0) }; exact = h.map(f16ToFloat)
-        }
-        let storage = Storage(stored)
-        let base = storage.bytes.withUnsafeBytes { $0.baseAddress! }  // stable: the array is never mutated again
-        let view = TensorView(name: "w", dtype: dtype, shape: [rows, cols], base: base, owner: storage)
-        return (WeightMatrix(view), exact, storage)
-    }
-
-    @Test(arguments: [DType.f32, .bf16, .f16], [1, 3, 17])
-    func matmulMatchesFP64Reference(dtype: DType, tokens T: Int) {
-        let N = 70, K = 93  // odd sizes exercise the tails
-        let (w, exact, keep) = weights(randomFloats(N * K, seed: 11), rows: N, cols: K, dtype: dtype)
-        let x = randomFloats(T * K, seed: 12)
-        var out = [Float](repeating: .nan, count: T * N)
-        matmul(x, w, &out, tokens: T)
-        var reference = [Float](repeating: 0, count: T * N)
-        for t in 0..<T {
-            for n in 0..<N {
-                var s = 0.0
-                for k in 0..<K { s += Double(x[t * K + k]) * Double(exact[n * K + k]) }
-                reference[t * N + n] = Float(s)
-            }
-        }
-        withExtendedLifetime(keep) {}
-        #expect(relativeL2Error(out, reference) < 1e-6)
-    }
-
     @Test func rmsNormMatchesReference() {
         let D = 37, T = 3
         let x = randomFloats(T * D, seed: 1), w = randomFloats(D, seed: 2)
@@ -83,7 +65,7 @@ import Testing
         let q = randomFloats(T * H * d, seed: 4), k = randomFloats(P * Hkv * d, seed: 5), v = randomFloats(P * Hkv * d, seed: 6)
         var out = [Float](repeating: .nan, count: T * H * d)
         attention(queries: q, keys: k, values: v, out: &out, tokens: T, start: start,
-                  heads: H, kvHeads: Hkv, headDim: d, window: window)
+                  heads: H, kvHeads: Hkv, headDim: d, window: window, pool: ThreadPool(threads: 2))
         var reference = [Float](repeating: 0, count: T * H * d)
         for t in 0..<T {
             let p = start + t

@@ -4,6 +4,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import DuetCore
+import DuetCPU
 import DuetFormats
 import DuetModels
 import DuetRuntime
@@ -35,7 +36,7 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
     @Test(arguments: goldenModels)
     func prefillAndDecodeLogitsMatchHF(name: String) throws {
         let golden = try Golden.load(name)
-        let model = try MixtralModel(directory: fixture(name))
+        let model = try MixtralModel(directory: fixture(name), kernels: .reference())
         for c in golden.cases {
             let cache = model.makeCache()
             let prefill = try model.forward(c.prompt, cache: cache, allLogits: false)
@@ -52,7 +53,7 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
     @Test(arguments: goldenModels)
     func greedyTokensMatchHF(name: String) throws {
         let golden = try Golden.load(name)
-        let model = try MixtralModel(directory: fixture(name))
+        let model = try MixtralModel(directory: fixture(name), kernels: .reference())
         for c in golden.cases {
             let result = try generate(model: model, prompt: c.prompt,
                                       options: GenerationOptions(maxTokens: c.greedy.count, stopTokenIds: []))
@@ -65,7 +66,7 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
     /// cached loop (the KV cache and positions are consistent).
     @Test func allPositionLogitsAgreeWithCachedDecoding() throws {
         let golden = try Golden.load("mixtral-tiny-b")
-        let model = try MixtralModel(directory: fixture("mixtral-tiny-b"))
+        let model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference())
         let c = golden.cases[1]
         let sequence = c.prompt + c.greedy.dropLast()
         let logits = try model.forward(sequence, cache: model.makeCache(), allLogits: true)  // [T, V]
@@ -77,5 +78,40 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
         let last = Array(logits[((sequence.count - 1) * V)...])
         let lastOnly = try model.forward(sequence, cache: model.makeCache(), allLogits: false)
         #expect(relativeL2Error(last, lastOnly) < 1e-6)
+    }
+}
+
+/// The fast kernel paths against HF: logits within each path's tolerance, and the same
+/// greedy token (HF's tokens fed back, teacher-forced) wherever HF's top-2 margin exceeds
+/// the path's logit error. Paths this CPU lacks are skipped.
+@Suite(.serialized) struct MixtralPathGoldenTests {
+    /// (relative L2 on logits, absolute logit error bound for the margin test)
+    static func tolerance(_ path: KernelPath) -> (relative: Double, absolute: Float) {
+        path == .amx ? (2e-2, 0.05) : (1e-4, 1e-3)
+    }
+
+    @Test(arguments: [KernelPath.portable, .avx512, .amx, .auto], goldenModels)
+    func logitsAndTokensWithinTolerance(path: KernelPath, name: String) throws {
+        guard let kernels = try? CPUKernels(path, pool: ThreadPool(threads: 2)) else { return }
+        let golden = try Golden.load(name)
+        let model = try MixtralModel(directory: fixture(name), kernels: kernels)
+        let tol = Self.tolerance(path == .auto && kernels.features.amx ? .amx : path)
+        var checked = 0
+        for c in golden.cases {
+            let cache = model.makeCache()
+            var logits = try model.forward(c.prompt, cache: cache, allLogits: false)
+            #expect(relativeL2Error(logits, c.prefill_logits) < tol.relative, "\(path) \(name) prefill \(c.prompt)")
+            for (step, token) in c.greedy.enumerated() {
+                if c.margins[step] > 2 * tol.absolute {
+                    #expect(Int32(argmax(logits)) == token, "\(path) \(name) step \(step) margin \(c.margins[step])")
+                    checked += 1
+                }
+                if step == c.decode_steps {
+                    #expect(relativeL2Error(logits, c.decode_logits) < tol.relative, "\(path) \(name) decode logits")
+                }
+                if step + 1 < c.greedy.count { logits = try model.forward([token], cache: cache, allLogits: false) }
+            }
+        }
+        #expect(checked > 50)
     }
 }

@@ -37,21 +37,21 @@ private let baseConfig = """
         let c = try ConfigFile.decode(MixtralConfiguration.self, path: dir + "/config.json")
         #expect(c.ropeTheta == 1e6 && c.headDim == 16 && c.slidingWindow == nil && c.tieWordEmbeddings)
         // Same weights and geometry as the golden: same logits.
-        let a = try MixtralModel(directory: dir).forward([1, 2, 3], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
-        let b = try MixtralModel(directory: fixture("mixtral-tiny-a")).forward([1, 2, 3], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
+        let a = try MixtralModel(directory: dir, kernels: .reference()).forward([1, 2, 3], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
+        let b = try MixtralModel(directory: fixture("mixtral-tiny-a"), kernels: .reference()).forward([1, 2, 3], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
         #expect(a == b)
     }
 
     @Test func eosListAndGenerationConfig() throws {
         let dir = try checkpoint(config: baseConfig.replacing("\"eos_token_id\": 2", with: "\"eos_token_id\": [2, 7]"))
         try writeFile(Array(#"{"eos_token_id": [7, 9]}"#.utf8), to: dir + "/generation_config.json")
-        #expect(try MixtralModel(directory: dir).eosTokenIds == [2, 7, 9])
+        #expect(try MixtralModel(directory: dir, kernels: .reference()).eosTokenIds == [2, 7, 9])
     }
 
     @Test func unknownModelTypeListsSupportedTypes() throws {
         let dir = try checkpoint(config: baseConfig.replacing("\"mixtral\"", with: "\"llama\""))
         #expect(throws: ConfigError.unsupportedModelType(file: dir + "/config.json", modelType: "llama", supported: ["mixtral"])) {
-            _ = try ModelRegistry.load(directory: dir)
+            _ = try ModelRegistry.load(directory: dir, kernels: .reference())
         }
         #expect(ConfigError.unsupportedModelType(file: "c", modelType: "llama", supported: ["mixtral"]).description
             == "c: model_type 'llama' is not supported; supported: mixtral")
@@ -60,25 +60,25 @@ private let baseConfig = """
     @Test func missingFieldIsNamed() throws {
         let dir = try checkpoint(config: baseConfig.replacing("\"hidden_size\": 64,", with: ""))
         #expect(throws: ConfigError.malformed(file: dir + "/config.json", reason: "missing key 'hidden_size' at the top level")) {
-            _ = try ModelRegistry.load(directory: dir)
+            _ = try ModelRegistry.load(directory: dir, kernels: .reference())
         }
     }
 
     @Test func malformedJSON() throws {
         let dir = try checkpoint(config: "{\"model_type\": \"mixtral\",")
-        #expect(throws: ConfigError.self) { _ = try ModelRegistry.load(directory: dir) }
+        #expect(throws: ConfigError.self) { _ = try ModelRegistry.load(directory: dir, kernels: .reference()) }
     }
 
     @Test func missingConfig() throws {
         let dir = makeTemporaryDirectory()
-        #expect(throws: ConfigError.fileNotFound(path: dir + "/config.json")) { _ = try ModelRegistry.load(directory: dir) }
+        #expect(throws: ConfigError.fileNotFound(path: dir + "/config.json")) { _ = try ModelRegistry.load(directory: dir, kernels: .reference()) }
     }
 
     @Test func inconsistentHeadsAreRejected() throws {
         let dir = try checkpoint(config: baseConfig.replacing("\"num_key_value_heads\": 2", with: "\"num_key_value_heads\": 3"))
         #expect(throws: ConfigError.invalid(file: dir + "/config.json", field: "num_attention_heads",
                                             reason: "(4) must be a multiple of num_key_value_heads (3)")) {
-            _ = try ModelRegistry.load(directory: dir)
+            _ = try ModelRegistry.load(directory: dir, kernels: .reference())
         }
     }
 
@@ -86,7 +86,7 @@ private let baseConfig = """
         let dir = try checkpoint(config: baseConfig.replacing("\"rope_theta\": 1000000.0", with: "\"rope_parameters\": {\"rope_type\": \"yarn\", \"rope_theta\": 10000.0, \"factor\": 4.0}"))
         #expect(throws: ConfigError.invalid(file: dir + "/config.json", field: "rope_type",
                                             reason: "'yarn' is not supported (only default rope)")) {
-            _ = try ModelRegistry.load(directory: dir)
+            _ = try ModelRegistry.load(directory: dir, kernels: .reference())
         }
     }
 }
@@ -109,15 +109,15 @@ private let baseConfig = """
 
     @Test func rewrittenCheckpointStillMatches() throws {
         let dir = try editedCheckpoint { _ in }
-        let a = try MixtralModel(directory: dir).forward([1, 5], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
-        let b = try MixtralModel(directory: fixture("mixtral-tiny-a")).forward([1, 5], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
+        let a = try MixtralModel(directory: dir, kernels: .reference()).forward([1, 5], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
+        let b = try MixtralModel(directory: fixture("mixtral-tiny-a"), kernels: .reference()).forward([1, 5], cache: KVCache(layers: 2, kvHeads: 2, headDim: 16), allLogits: false)
         #expect(a == b)
     }
 
     @Test func missingExpertTensorIsNamed() throws {
         let name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
         let dir = try editedCheckpoint { $0.removeAll { $0.name == name } }
-        #expect(throws: CheckpointError.missingTensor(tensor: name, checkpoint: dir)) { _ = try ModelRegistry.load(directory: dir) }
+        #expect(throws: CheckpointError.missingTensor(tensor: name, checkpoint: dir)) { _ = try ModelRegistry.load(directory: dir, kernels: .reference()) }
     }
 
     @Test func wrongShapeIsNamed() throws {
@@ -127,7 +127,7 @@ private let baseConfig = """
             tensors[i].shape = [64, 32]  // stored [32, 64]
         }
         #expect(throws: CheckpointError.wrongShape(tensor: name, file: dir + "/model.safetensors", expected: [32, 64], actual: [64, 32])) {
-            _ = try ModelRegistry.load(directory: dir)
+            _ = try ModelRegistry.load(directory: dir, kernels: .reference())
         }
     }
 
@@ -138,12 +138,12 @@ private let baseConfig = """
             tensors[i].dtype = "I32"
         }
         #expect(throws: CheckpointError.unsupportedDType(file: dir + "/model.safetensors", tensor: name, dtype: "I32")) {
-            _ = try ModelRegistry.load(directory: dir)
+            _ = try ModelRegistry.load(directory: dir, kernels: .reference())
         }
     }
 
     @Test func forwardRejectsBadInput() throws {
-        let model = try MixtralModel(directory: fixture("mixtral-tiny-a"))
+        let model = try MixtralModel(directory: fixture("mixtral-tiny-a"), kernels: .reference())
         #expect(throws: ModelError.tokenOutOfRange(id: 512, vocabSize: 512)) {
             _ = try model.forward([1, 512], cache: model.makeCache(), allLogits: false)
         }

@@ -10,7 +10,7 @@ import Testing
 @Suite struct GenerationTests {
     let model: MixtralModel
 
-    init() throws { model = try MixtralModel(directory: fixture("mixtral-tiny-a")) }
+    init() throws { model = try MixtralModel(directory: fixture("mixtral-tiny-a"), kernels: .reference()) }
 
     @Test func stopsOnAStopId() throws {
         let free = try generate(model: model, prompt: [1, 17], options: GenerationOptions(maxTokens: 6, stopTokenIds: []))

@@ -1,0 +1,148 @@
+// AVX-512 kernels: bf16 (or fp32) weights widened in registers, fp32 activations and
+// accumulation. R weight rows x TT tokens per pass; each weight row is one read stream.
+#include "duet_kernels.h"
+#include <immintrin.h>
+#include <math.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) static inline
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+TARGET __m512 load_bf16(const uint16_t *p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+TARGET __m512 load_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+// acc[i][j] = W[r + i] . x[t + j] for i < R, j < TT.
+#define DEFINE_BLOCK(NAME, WT, LOAD)                                                              \
+    TARGET void NAME(const WT *W, size_t ldw, size_t K, const float *x, size_t ldx, int R, int TT, \
+                     float out[4][4]) {                                                           \
+        __m512 acc[4][4];                                                                         \
+        for (int i = 0; i < 4; i++)                                                               \
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();                          \
+        for (size_t k = 0; k < K; k += 16) {                                                      \
+            __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);      \
+            __m512 w[4], xv[4];                                                                   \
+            for (int i = 0; i < R; i++) w[i] = LOAD(W + i * ldw + k, m);                          \
+            for (int j = 0; j < TT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * ldx + k);        \
+            for (int i = 0; i < R; i++)                                                           \
+                for (int j = 0; j < TT; j++) acc[i][j] = _mm512_fmadd_ps(w[i], xv[j], acc[i][j]); \
+        }                                                                                         \
+        for (int i = 0; i < R; i++)                                                               \
+            for (int j = 0; j < TT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);             \
+    }
+
+DEFINE_BLOCK(block_bf16, uint16_t, load_bf16)
+DEFINE_BLOCK(block_f32, float, load_f32)
+
+// Specialise R and TT as constants so the loops above unroll into registers.
+#define DISPATCH(BLOCK, R, TT, ...)                                                               \
+    switch ((R) * 8 + (TT)) {                                                                     \
+    case 4 * 8 + 4: BLOCK(__VA_ARGS__, 4, 4, out); break;                                        \
+    case 4 * 8 + 3: BLOCK(__VA_ARGS__, 4, 3, out); break;                                        \
+    case 4 * 8 + 2: BLOCK(__VA_ARGS__, 4, 2, out); break;                                        \
+    case 4 * 8 + 1: BLOCK(__VA_ARGS__, 4, 1, out); break;                                        \
+    case 1 * 8 + 4: BLOCK(__VA_ARGS__, 1, 4, out); break;                                        \
+    case 1 * 8 + 3: BLOCK(__VA_ARGS__, 1, 3, out); break;                                        \
+    case 1 * 8 + 2: BLOCK(__VA_ARGS__, 1, 2, out); break;                                        \
+    default: BLOCK(__VA_ARGS__, 1, 1, out); break;                                               \
+    }
+
+KERNEL void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, const float *x, size_t ldx,
+                                    size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
+    float out[4][4];
+    for (size_t r = r0; r < r1;) {
+        int R = r1 - r >= 4 ? 4 : 1;
+        for (size_t t = 0; t < T; t += 4) {
+            int TT = T - t >= 4 ? 4 : (int)(T - t);
+            DISPATCH(block_bf16, R, TT, W + r * ldw, ldw, K, x + t * ldx, ldx)
+            for (int i = 0; i < R; i++)
+                for (int j = 0; j < TT; j++) y[(t + j) * ldy + r + i] = out[i][j];
+        }
+        r += R;
+    }
+}
+
+KERNEL void duet_matmul_f32_avx512(const float *W, size_t ldw, size_t K, const float *x, size_t ldx,
+                                   size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
+    float out[4][4];
+    for (size_t r = r0; r < r1;) {
+        int R = r1 - r >= 4 ? 4 : 1;
+        for (size_t t = 0; t < T; t += 4) {
+            int TT = T - t >= 4 ? 4 : (int)(T - t);
+            DISPATCH(block_f32, R, TT, W + r * ldw, ldw, K, x + t * ldx, ldx)
+            for (int i = 0; i < R; i++)
+                for (int j = 0; j < TT; j++) y[(t + j) * ldy + r + i] = out[i][j];
+        }
+        r += R;
+    }
+}
+
+static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// Gate and up rows interleaved (2 + 2 streams), so both matrices are read in one pass.
+KERNEL void duet_gate_up_bf16_avx512(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K,
+                                     const float *x, size_t ldx, size_t T, float *h, size_t ldh, size_t r0, size_t r1) {
+    for (size_t r = r0; r < r1;) {
+        int R = r1 - r >= 2 ? 2 : 1;
+        for (size_t t = 0; t < T; t += 4) {
+            int TT = T - t >= 4 ? 4 : (int)(T - t);
+            __m512 g[2][4], u[2][4];
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 4; j++) g[i][j] = u[i][j] = _mm512_setzero_ps();
+            const float *xt = x + t * ldx;
+            for (size_t k = 0; k < K; k += 16) {
+                __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+                __m512 a[2], b[2], xv[4];
+                for (int i = 0; i < R; i++) {
+                    a[i] = load_bf16(W1 + (r + i) * ldw + k, m);
+                    b[i] = load_bf16(W3 + (r + i) * ldw + k, m);
+                }
+                for (int j = 0; j < TT; j++) xv[j] = _mm512_maskz_loadu_ps(m, xt + j * ldx + k);
+                for (int i = 0; i < R; i++)
+                    for (int j = 0; j < TT; j++) {
+                        g[i][j] = _mm512_fmadd_ps(a[i], xv[j], g[i][j]);
+                        u[i][j] = _mm512_fmadd_ps(b[i], xv[j], u[i][j]);
+                    }
+            }
+            for (int i = 0; i < R; i++)
+                for (int j = 0; j < TT; j++)
+                    h[(t + j) * ldh + r + i] = silu_mul(_mm512_reduce_add_ps(g[i][j]), _mm512_reduce_add_ps(u[i][j]));
+        }
+        r += R;
+    }
+}
+
+KERNEL uint64_t duet_read_bandwidth(const void *p, size_t bytes, int mode) {
+    const char *base = (const char *)p;
+    size_t quarter = (bytes / 4) & ~(size_t)255;
+    const char *s0 = base, *s1 = base + quarter, *s2 = base + 2 * quarter, *s3 = base + 3 * quarter;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    if (mode == 2) {
+        for (size_t i = 0; i < quarter; i += 64) {
+            a0 = _mm512_xor_si512(a0, _mm512_stream_load_si512((void *)(s0 + i)));
+            a1 = _mm512_xor_si512(a1, _mm512_stream_load_si512((void *)(s1 + i)));
+            a2 = _mm512_xor_si512(a2, _mm512_stream_load_si512((void *)(s2 + i)));
+            a3 = _mm512_xor_si512(a3, _mm512_stream_load_si512((void *)(s3 + i)));
+        }
+    } else {
+        for (size_t i = 0; i < quarter; i += 128) {
+            if (mode == 1) {
+                _mm_prefetch(s0 + i + 2048, _MM_HINT_T0);
+                _mm_prefetch(s1 + i + 2048, _MM_HINT_T0);
+                _mm_prefetch(s2 + i + 2048, _MM_HINT_T0);
+                _mm_prefetch(s3 + i + 2048, _MM_HINT_T0);
+            }
+            a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(s0 + i));
+            a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(s1 + i));
+            a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(s2 + i));
+            a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(s3 + i));
+            a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(s0 + i + 64));
+            a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(s1 + i + 64));
+            a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(s2 + i + 64));
+            a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(s3 + i + 64));
+        }
+    }
+    __m512i all = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    return (uint64_t)_mm512_reduce_add_epi64(all);
+}

@@ -1,0 +1,52 @@
+// CPU kernels Swift cannot express: AVX-512 with run-time dispatch, AMX-BF16 tiles, streaming
+// reads for the bandwidth benchmark. Every function is safe to call only when
+// duet_cpu_features() reports the features it needs. No intrinsics in this header.
+#ifndef DUET_KERNELS_H
+#define DUET_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define DUET_CPU_AVX512 1u      // AVX-512 F + BW + VL, enabled by the OS
+#define DUET_CPU_AVX512_BF16 2u
+#define DUET_CPU_AMX_BF16 4u    // AMX-TILE + AMX-BF16 in CPUID, OS-enabled, permission granted
+
+/// Features this CPU and OS offer (AMX permission is requested once, here).
+uint32_t duet_cpu_features(void);
+
+/// y[t][r] = sum_k W[r][k] * x[t][k] for rows r in [r0, r1), tokens t in [0, T).
+/// W: bf16 [rows][ldw] (row stride ldw elements), x: fp32 [T][ldx], y: fp32 [T][ldy].
+void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, const float *x, size_t ldx,
+                             size_t T, float *y, size_t ldy, size_t r0, size_t r1);
+
+/// Same for fp32 weights.
+void duet_matmul_f32_avx512(const float *W, size_t ldw, size_t K, const float *x, size_t ldx,
+                            size_t T, float *y, size_t ldy, size_t r0, size_t r1);
+
+/// SwiGLU's first half in one pass over both matrices: h[t][r] = silu(W1[r].x[t]) * (W3[r].x[t]).
+void duet_gate_up_bf16_avx512(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K,
+                              const float *x, size_t ldx, size_t T, float *h, size_t ldh, size_t r0, size_t r1);
+
+/// AMX-BF16: activations packed once per call into the tile (VNNI) layout:
+/// xp[kp][t][2] for kp in [0, ceil(K/32)*16), t in [0, Tpad) with Tpad = ceil(T/16)*16 (zero padded).
+size_t duet_amx_packed_floats(size_t K, size_t T);  // size of xp in uint16 elements
+void duet_amx_pack_activations(const float *x, size_t ldx, size_t K, size_t T, uint16_t *xp);
+
+/// y[t][r] for rows [r0, r1) with AMX tiles over packed activations (weights read in place:
+/// 16 rows x 32 k per tile). r1 - r0 need not be a multiple of 16, nor K of 32.
+void duet_matmul_bf16_amx(const uint16_t *W, size_t ldw, size_t K, const uint16_t *xp, size_t T,
+                          float *y, size_t ldy, size_t r0, size_t r1);
+
+/// h[t][r] = silu(W1.x) * (W3.x) with AMX.
+void duet_gate_up_bf16_amx(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K, const uint16_t *xp,
+                           size_t T, float *h, size_t ldh, size_t r0, size_t r1);
+
+/// Reads [p, p + bytes) with AVX-512 loads in 4 independent streams; returns a value that
+/// depends on every byte (so the reads cannot be removed). mode 0: plain loads,
+/// 1: plain loads with software prefetch ahead, 2: non-temporal loads.
+uint64_t duet_read_bandwidth(const void *p, size_t bytes, int mode);
+
+/// A spin-wait hint (x86 `pause`).
+void duet_cpu_relax(void);
+
+#endif
