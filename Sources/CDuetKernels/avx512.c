@@ -13,16 +13,26 @@ TARGET __m512 load_bf16(const uint16_t *p, __mmask16 m) {
 }
 TARGET __m512 load_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
-// acc[i][j] = W[r + i] . x[t + j] for i < R, j < TT.
+// acc[i][j] = W[r + i] . x[t + j] for i < R, j < TT. R and TT are constants at every call
+// site (see DISPATCH), so the loops unroll and the accumulators stay in registers. The main
+// loop is unmasked; one masked step takes the K tail.
 #define DEFINE_BLOCK(NAME, WT, LOAD)                                                              \
-    TARGET void NAME(const WT *W, size_t ldw, size_t K, const float *x, size_t ldx, int R, int TT, \
-                     float out[4][4]) {                                                           \
-        __m512 acc[4][4];                                                                         \
-        for (int i = 0; i < 4; i++)                                                               \
-            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();                          \
-        for (size_t k = 0; k < K; k += 16) {                                                      \
-            __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);      \
-            __m512 w[4], xv[4];                                                                   \
+    TARGET void NAME(const WT *W, size_t ldw, size_t K, const float *x, size_t ldx, const int R,   \
+                     const int TT, float out[8][4]) {                                             \
+        __m512 acc[8][4];                                                                         \
+        for (int i = 0; i < R; i++)                                                               \
+            for (int j = 0; j < TT; j++) acc[i][j] = _mm512_setzero_ps();                         \
+        size_t k = 0;                                                                             \
+        for (; k + 16 <= K; k += 16) {                                                            \
+            __m512 w[8], xv[4];                                                                   \
+            for (int i = 0; i < R; i++) w[i] = LOAD(W + i * ldw + k, (__mmask16)0xFFFF);          \
+            for (int j = 0; j < TT; j++) xv[j] = _mm512_loadu_ps(x + j * ldx + k);                \
+            for (int i = 0; i < R; i++)                                                           \
+                for (int j = 0; j < TT; j++) acc[i][j] = _mm512_fmadd_ps(w[i], xv[j], acc[i][j]); \
+        }                                                                                         \
+        if (k < K) {                                                                              \
+            __mmask16 m = (__mmask16)((1u << (K - k)) - 1);                                       \
+            __m512 w[8], xv[4];                                                                   \
             for (int i = 0; i < R; i++) w[i] = LOAD(W + i * ldw + k, m);                          \
             for (int j = 0; j < TT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * ldx + k);        \
             for (int i = 0; i < R; i++)                                                           \
@@ -35,9 +45,17 @@ TARGET __m512 load_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_
 DEFINE_BLOCK(block_bf16, uint16_t, load_bf16)
 DEFINE_BLOCK(block_f32, float, load_f32)
 
+// Rows per pass: 8 for one token (8 read streams keep the memory system busy), else 4
+// (4 rows x 4 tokens = 16 accumulators).
+static inline int rows_for(size_t left, size_t T) {
+    int want = T == 1 ? 8 : 4;
+    return left >= (size_t)want ? want : 1;
+}
+
 // Specialise R and TT as constants so the loops above unroll into registers.
 #define DISPATCH(BLOCK, R, TT, ...)                                                               \
     switch ((R) * 8 + (TT)) {                                                                     \
+    case 8 * 8 + 1: BLOCK(__VA_ARGS__, 8, 1, out); break;                                        \
     case 4 * 8 + 4: BLOCK(__VA_ARGS__, 4, 4, out); break;                                        \
     case 4 * 8 + 3: BLOCK(__VA_ARGS__, 4, 3, out); break;                                        \
     case 4 * 8 + 2: BLOCK(__VA_ARGS__, 4, 2, out); break;                                        \
@@ -50,9 +68,9 @@ DEFINE_BLOCK(block_f32, float, load_f32)
 
 KERNEL void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, const float *x, size_t ldx,
                                     size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
-    float out[4][4];
+    float out[8][4];
     for (size_t r = r0; r < r1;) {
-        int R = r1 - r >= 4 ? 4 : 1;
+        int R = rows_for(r1 - r, T);
         for (size_t t = 0; t < T; t += 4) {
             int TT = T - t >= 4 ? 4 : (int)(T - t);
             DISPATCH(block_bf16, R, TT, W + r * ldw, ldw, K, x + t * ldx, ldx)
@@ -65,9 +83,9 @@ KERNEL void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, con
 
 KERNEL void duet_matmul_f32_avx512(const float *W, size_t ldw, size_t K, const float *x, size_t ldx,
                                    size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
-    float out[4][4];
+    float out[8][4];
     for (size_t r = r0; r < r1;) {
-        int R = r1 - r >= 4 ? 4 : 1;
+        int R = rows_for(r1 - r, T);
         for (size_t t = 0; t < T; t += 4) {
             int TT = T - t >= 4 ? 4 : (int)(T - t);
             DISPATCH(block_f32, R, TT, W + r * ldw, ldw, K, x + t * ldx, ldx)
@@ -80,34 +98,58 @@ KERNEL void duet_matmul_f32_avx512(const float *W, size_t ldw, size_t K, const f
 
 static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-// Gate and up rows interleaved (2 + 2 streams), so both matrices are read in one pass.
+// g[i][j], u[i][j] for R rows of both matrices and TT tokens (constants at each call site).
+TARGET void gate_up_block(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K, const float *x, size_t ldx,
+                          const int R, const int TT, float g_out[4][4], float u_out[4][4]) {
+    __m512 g[4][4], u[4][4];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < TT; j++) g[i][j] = u[i][j] = _mm512_setzero_ps();
+    for (size_t k = 0; k < K; k += 16) {
+        __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 a[4], b[4], xv[4];
+        for (int i = 0; i < R; i++) {
+            a[i] = load_bf16(W1 + i * ldw + k, m);
+            b[i] = load_bf16(W3 + i * ldw + k, m);
+        }
+        for (int j = 0; j < TT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * ldx + k);
+        for (int i = 0; i < R; i++)
+            for (int j = 0; j < TT; j++) {
+                g[i][j] = _mm512_fmadd_ps(a[i], xv[j], g[i][j]);
+                u[i][j] = _mm512_fmadd_ps(b[i], xv[j], u[i][j]);
+            }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < TT; j++) {
+            g_out[i][j] = _mm512_reduce_add_ps(g[i][j]);
+            u_out[i][j] = _mm512_reduce_add_ps(u[i][j]);
+        }
+}
+
+// Gate and up rows side by side (R rows of each: 2R read streams), so both matrices are
+// read in one pass: 4 + 4 streams for one token, 2 + 2 rows x 4 tokens (16 accumulators) else.
 KERNEL void duet_gate_up_bf16_avx512(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K,
                                      const float *x, size_t ldx, size_t T, float *h, size_t ldh, size_t r0, size_t r1) {
+    float g[4][4], u[4][4];
     for (size_t r = r0; r < r1;) {
-        int R = r1 - r >= 2 ? 2 : 1;
+        int want = T == 1 ? 4 : 2;
+        int R = r1 - r >= (size_t)want ? want : 1;
         for (size_t t = 0; t < T; t += 4) {
             int TT = T - t >= 4 ? 4 : (int)(T - t);
-            __m512 g[2][4], u[2][4];
-            for (int i = 0; i < 2; i++)
-                for (int j = 0; j < 4; j++) g[i][j] = u[i][j] = _mm512_setzero_ps();
+            const uint16_t *a = W1 + r * ldw, *b = W3 + r * ldw;
             const float *xt = x + t * ldx;
-            for (size_t k = 0; k < K; k += 16) {
-                __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-                __m512 a[2], b[2], xv[4];
-                for (int i = 0; i < R; i++) {
-                    a[i] = load_bf16(W1 + (r + i) * ldw + k, m);
-                    b[i] = load_bf16(W3 + (r + i) * ldw + k, m);
-                }
-                for (int j = 0; j < TT; j++) xv[j] = _mm512_maskz_loadu_ps(m, xt + j * ldx + k);
-                for (int i = 0; i < R; i++)
-                    for (int j = 0; j < TT; j++) {
-                        g[i][j] = _mm512_fmadd_ps(a[i], xv[j], g[i][j]);
-                        u[i][j] = _mm512_fmadd_ps(b[i], xv[j], u[i][j]);
-                    }
+            switch (R * 8 + TT) {
+            case 4 * 8 + 1: gate_up_block(a, b, ldw, K, xt, ldx, 4, 1, g, u); break;
+            case 2 * 8 + 4: gate_up_block(a, b, ldw, K, xt, ldx, 2, 4, g, u); break;
+            case 2 * 8 + 3: gate_up_block(a, b, ldw, K, xt, ldx, 2, 3, g, u); break;
+            case 2 * 8 + 2: gate_up_block(a, b, ldw, K, xt, ldx, 2, 2, g, u); break;
+            case 2 * 8 + 1: gate_up_block(a, b, ldw, K, xt, ldx, 2, 1, g, u); break;
+            case 1 * 8 + 4: gate_up_block(a, b, ldw, K, xt, ldx, 1, 4, g, u); break;
+            case 1 * 8 + 3: gate_up_block(a, b, ldw, K, xt, ldx, 1, 3, g, u); break;
+            case 1 * 8 + 2: gate_up_block(a, b, ldw, K, xt, ldx, 1, 2, g, u); break;
+            default: gate_up_block(a, b, ldw, K, xt, ldx, 1, 1, g, u); break;
             }
             for (int i = 0; i < R; i++)
-                for (int j = 0; j < TT; j++)
-                    h[(t + j) * ldh + r + i] = silu_mul(_mm512_reduce_add_ps(g[i][j]), _mm512_reduce_add_ps(u[i][j]));
+                for (int j = 0; j < TT; j++) h[(t + j) * ldh + r + i] = silu_mul(g[i][j], u[i][j]);
         }
         r += R;
     }

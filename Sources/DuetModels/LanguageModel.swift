@@ -69,6 +69,9 @@ public struct ModelSummary: Sendable {
     /// Parameters a token touches: everything but the experts, plus k experts per layer.
     public var activeParameters: Int
     public var parametersPerExpert: Int
+    /// Weight bytes one decode step of one sequence reads: everything active except the
+    /// embedding table (one row of it), with the lm_head in full.
+    public var decodeBytesPerToken: Int
     /// Stored bytes per dtype.
     public var bytesByDType: [String: Int]
     public var files: [String]

@@ -350,8 +350,19 @@ public final class MixtralModel: LanguageModel {
             totalParameters: total,
             activeParameters: total - inactive,
             parametersPerExpert: perExpert,
+            decodeBytesPerToken: decodeBytes(total: total, inactive: inactive),
             bytesByDType: weights.bytesByDType(),
             files: weights.filePaths)
+    }
+}
+
+extension MixtralModel {
+    /// Active weights at their stored size, minus the embedding table unless the lm_head is it.
+    func decodeBytes(total: Int, inactive: Int) -> Int {
+        let bytes = weights.bytesByDType().values.reduce(0, +)
+        let perParameter = Double(bytes) / Double(max(total, 1))
+        let embedding = config.tieWordEmbeddings ? 0 : config.vocabSize * config.hiddenSize
+        return Int(Double(total - inactive - embedding) * perParameter)
     }
 }
 

@@ -1,0 +1,56 @@
+import CDuetKernels
+import DuetCore
+
+/// `duet bench memory`: the CPU read ceiling every other figure is a fraction of.
+/// All threads, 4 independent AVX-512 streams each, over a buffer much larger than the
+/// caches; plain, prefetching and non-temporal loads; the best of `repeats` passes.
+public struct MemoryBandwidth: Sendable {
+    public struct Row: Sendable, Encodable {
+        public var mode: String
+        public var threads: Int
+        public var bytes: Int
+        public var bestSeconds: Double
+        public var gbps: Double
+    }
+
+    public static let modes = ["plain", "prefetch", "nontemporal"]
+
+    /// Measures each load kind; `bytes` is rounded to whole 4 KiB pages per thread.
+    public static func measure(pool: ThreadPool, bytes: Int, repeats: Int) -> [Row] {
+        guard CPUFeatures.current.avx512 else { return [] }
+        let threads = pool.threadCount
+        let perThread = max(1 << 16, bytes / threads / 4096 * 4096)
+        let total = perThread * threads
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: 4096)
+        defer { buffer.deallocate() }
+        let base = Unchecked(buffer)
+        pool.parallelFor(threads) { t in  // first touch by the thread that reads it (NUMA locality)
+            let p = base.value + t * perThread
+            for i in stride(from: 0, to: perThread, by: 8) { p.storeBytes(of: UInt64(i) &* 0x9E37_79B9, toByteOffset: i, as: UInt64.self) }
+        }
+        let sink = UnsafeMutablePointer<UInt64>.allocate(capacity: threads)
+        defer { sink.deallocate() }
+        let sinks = Unchecked(sink)
+        return modes.enumerated().map { mode, name in
+            var best = Double.infinity
+            for _ in 0..<max(1, repeats) {
+                let start = ContinuousClock.now
+                pool.parallelFor(threads) { t in
+                    sinks.value[t] = duet_read_bandwidth(base.value + t * perThread, perThread, Int32(mode))
+                }
+                best = min(best, secondsSince(start))
+            }
+            // duet_read_bandwidth reads 4 quarters rounded down to 256 bytes.
+            let read = (perThread / 4 / 256 * 256) * 4 * threads
+            return Row(mode: name, threads: threads, bytes: read, bestSeconds: best, gbps: Double(read) / best / 1e9)
+        }
+    }
+
+    /// Mean seconds of an empty `parallelFor` with one task per thread (dispatch + join).
+    public static func dispatchLatency(pool: ThreadPool, iterations: Int = 20000) -> Double {
+        for _ in 0..<1000 { pool.parallelFor(pool.threadCount) { _ in } }
+        let start = ContinuousClock.now
+        for _ in 0..<iterations { pool.parallelFor(pool.threadCount) { _ in } }
+        return secondsSince(start) / Double(iterations)
+    }
+}

@@ -1,0 +1,240 @@
+import ArgumentParser
+import DuetCPU
+import DuetCore
+import DuetModels
+import DuetRuntime
+
+struct BenchMemory: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "memory",
+        abstract: "CPU read bandwidth (all threads, 4 AVX-512 streams each; plain / prefetch / non-temporal) and thread-pool dispatch latency.")
+
+    @Option(name: .long, help: "CPU threads (default: all cores).")
+    var threads: Int?
+    @Option(name: .long, help: "Buffer size in GiB.")
+    var gib: Double = 4
+    @Option(name: .long, help: "Passes per load kind; the best is reported.")
+    var repeats = 5
+    @Flag(name: .long, help: "Print only JSON rows.")
+    var json = false
+
+    func run() throws {
+        let pool = ThreadPool(threads: threads ?? ThreadPool.availableCores)
+        let rows = MemoryBandwidth.measure(pool: pool, bytes: Int(gib * 1_073_741_824), repeats: repeats)
+        guard !rows.isEmpty else { throw CLIError("bench memory needs AVX-512 (this CPU has: \(CPUFeatures.current))") }
+        let dispatch = MemoryBandwidth.dispatchLatency(pool: pool)
+        for r in rows { try Console.json(MemoryRow(row: r, dispatchMicroseconds: dispatch * 1e6)) }
+        if !json {
+            let best = rows.max { $0.gbps < $1.gbps }!
+            Console.out(rows.map { "\($0.mode.padding(12)) \(fixed($0.gbps, 1)) GB/s" }.joined(separator: "\n")
+                + "\nbest: \(fixed(best.gbps, 1)) GB/s (\(best.mode), \(best.threads) threads, \(fixed(Double(best.bytes) / 1e9, 2)) GB per pass)"
+                + "\nthread-pool dispatch + join (empty parallel-for, \(pool.threadCount) threads): \(fixed(dispatch * 1e6, 2)) µs\n")
+        }
+    }
+
+    struct MemoryRow: Encodable {
+        var bench = "memory"
+        var row: MemoryBandwidth.Row
+        var dispatchMicroseconds: Double
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: Key.self)
+            try c.encode(bench, forKey: .bench)
+            try c.encode(row.mode, forKey: .mode)
+            try c.encode(row.threads, forKey: .threads)
+            try c.encode(row.bytes, forKey: .bytes)
+            try c.encode(row.gbps, forKey: .gbps)
+            try c.encode(dispatchMicroseconds, forKey: .dispatchMicroseconds)
+        }
+        enum Key: String, CodingKey { case bench, mode, threads, bytes, gbps, dispatchMicroseconds = "pool_dispatch_us" }
+    }
+}
+
+/// The best bandwidth of `bench memory`, measured in the caller's run.
+func measuredBandwidth(pool: ThreadPool, gib: Double) throws -> Double {
+    let rows = MemoryBandwidth.measure(pool: pool, bytes: Int(gib * 1_073_741_824), repeats: 3)
+    guard let best = rows.map(\.gbps).max() else { throw CLIError("measuring bandwidth needs AVX-512") }
+    return best * 1e9
+}
+
+struct BenchKernels: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kernels",
+        abstract: "Expert FFN at Mixtral's shape (4096 x 14336, bf16) per kernel path and token count, with its roofline fraction.")
+
+    @Option(name: .long, help: "CPU threads (default: all cores).")
+    var threads: Int?
+    @Option(name: .long, help: "Largest token count (powers of two from 1).")
+    var maxTokens = 128
+    @Option(name: .long, parsing: .upToNextOption, help: "Paths to run (default: every available one of avx512, amx, portable).")
+    var paths: [KernelPath] = []
+    @Option(name: .long, help: "Distinct experts cycled through (so weights come from memory, not cache).")
+    var experts = 4
+    @Option(name: .long, help: "Seconds per row, at least.")
+    var minSeconds = 0.3
+    @Option(name: .long, help: "GiB for the bandwidth measurement done first.")
+    var memoryGib: Double = 4
+    @Flag(name: .long, help: "Print only JSON rows.")
+    var json = false
+
+    func run() throws {
+        let pool = ThreadPool(threads: threads ?? ThreadPool.availableCores)
+        let bandwidth = try measuredBandwidth(pool: pool, gib: memoryGib)
+        let features = CPUFeatures.current
+        let chosen = paths.isEmpty ? [KernelPath.avx512, .amx, .portable].filter { (try? CPUKernels($0, pool: pool)) != nil } : paths
+        let D = 4096, F = 14336
+        let source = SyntheticWeights(seed: 7, pool: pool)
+        let set = try (0..<max(1, experts)).map { e in
+            (gate: try source.matrix("e\(e).w1", rows: F, cols: D), up: try source.matrix("e\(e).w3", rows: F, cols: D),
+             down: try source.matrix("e\(e).w2", rows: D, cols: F))
+        }
+        let bytes = Double(3 * D * F * 2)
+        if !json {
+            Console.out("bandwidth \(fixed(bandwidth / 1e9, 1)) GB/s, \(pool.threadCount) threads, CPU: \(features)\n")
+            Console.out("path      T      ms     GB/s   GFLOP/s  fraction (bound)\n")
+        }
+        for path in chosen {
+            let kernels = try CPUKernels(path, pool: pool)
+            let peak = peakFlops(kernels, D: D)
+            var T = 1
+            while T <= maxTokens {
+                if path == .portable && T > 16 { break }  // minutes per row beyond this
+                let x = KernelSelfTest.random(T * D, seed: UInt64(T))
+                var y = [Float](repeating: 0, count: T * D)
+                kernels.expertFFN(x, gate: set[0].gate, up: set[0].up, down: set[0].down, &y, tokens: T)  // warm-up
+                var calls = 0
+                let start = ContinuousClock.now
+                repeat {
+                    let e = set[calls % set.count]
+                    kernels.expertFFN(x, gate: e.gate, up: e.up, down: e.down, &y, tokens: T)
+                    calls += 1
+                } while secondsSince(start) < minSeconds || calls < 3
+                let seconds = secondsSince(start) / Double(calls)
+                let flops = 2 * 3 * Double(D * F * T)
+                let memoryTime = bytes / bandwidth, computeTime = flops / peak
+                let row = KernelRow(path: path.rawValue, tokens: T, ms: seconds * 1e3, gbps: bytes / seconds / 1e9,
+                                    gflops: flops / seconds / 1e9, fraction: max(memoryTime, computeTime) / seconds,
+                                    bound: memoryTime >= computeTime ? "memory" : "compute", peakGflops: peak / 1e9,
+                                    bandwidthGbps: bandwidth / 1e9, threads: pool.threadCount)
+                try Console.json(row)
+                if !json {
+                    Console.out("\(path.rawValue.padding(9)) \(String(T).padding(5)) \(fixed(row.ms, 2).padding(7)) \(fixed(row.gbps, 1).padding(7)) \(fixed(row.gflops, 0).padding(9)) \(fixed(row.fraction, 2)) (\(row.bound))\n")
+                }
+                T *= 2
+            }
+        }
+    }
+
+    /// The path's peak on cache-resident weights: 64 rows per thread of width D, 128 tokens.
+    private func peakFlops(_ kernels: CPUKernels, D: Int) -> Double {
+        let rows = 64 * kernels.pool.threadCount, T = kernels.path == .portable ? 16 : 128
+        let source = SyntheticWeights(seed: 3, pool: kernels.pool)
+        guard let w = try? source.matrix("peak", rows: rows, cols: D) else { return .infinity }
+        let x = KernelSelfTest.random(T * D, seed: 5)
+        var y = [Float](repeating: 0, count: T * rows)
+        kernels.matmul(x, w, &y, tokens: T)
+        var calls = 0
+        let start = ContinuousClock.now
+        repeat {
+            kernels.matmul(x, w, &y, tokens: T)
+            calls += 1
+        } while secondsSince(start) < 0.2 || calls < 3
+        return 2 * Double(rows * D * T) * Double(calls) / secondsSince(start)
+    }
+
+    struct KernelRow: Encodable {
+        var bench = "kernels"
+        var dtype = "bf16"
+        var path: String
+        var tokens: Int
+        var ms: Double
+        var gbps: Double
+        var gflops: Double
+        var fraction: Double
+        var bound: String
+        var peakGflops: Double
+        var bandwidthGbps: Double
+        var threads: Int
+        enum CodingKeys: String, CodingKey {
+            case bench, dtype, path, tokens, ms, gbps, gflops, fraction, bound, threads
+            case peakGflops = "path_peak_gflops", bandwidthGbps = "bandwidth_gbps"
+        }
+    }
+}
+
+struct BenchDecode: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "decode",
+        abstract: "Single-sequence decode speed next to its roofline (weight bytes per token / measured bandwidth).")
+
+    @OptionGroup var engine: EngineOptions
+    @Option(name: .long, help: "Prompt length.")
+    var promptTokens = 16
+    @Option(name: .long, help: "Tokens to decode.")
+    var tokens = 32
+    @Option(name: .long, help: "GiB for the bandwidth measurement done first.")
+    var memoryGib: Double = 4
+    @Flag(name: .long, help: "Print only the JSON row.")
+    var json = false
+
+    func run() throws {
+        let (model, _, loadSeconds) = try engine.load()
+        let pool = ThreadPool(threads: engine.threads ?? ThreadPool.availableCores)
+        let bandwidth = try measuredBandwidth(pool: pool, gib: memoryGib)
+        let prompt = (0..<promptTokens).map { Int32(1 + ($0 * 7919) % (model.vocabSize - 1)) }
+        let result = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: tokens + 1, stopTokenIds: []))
+        let s = model.summary
+        let bytesPerToken = Double(s.decodeBytesPerToken)
+        let t = result.timings
+        let row = DecodeRow(model: s.family, layers: s.settings.first { $0.0 == "num_hidden_layers" }?.1 ?? "?",
+                            kernels: engine.kernels.rawValue, threads: pool.threadCount, loadSeconds: loadSeconds,
+                            prefillTokensPerSecond: t.prefillTokensPerSecond, decodeTokensPerSecond: t.decodeTokensPerSecond,
+                            bytesPerToken: bytesPerToken, bandwidthGbps: bandwidth / 1e9, rooflineTokensPerSecond: bandwidth / bytesPerToken,
+                            fraction: t.decodeTokensPerSecond / (bandwidth / bytesPerToken))
+        try Console.json(row)
+        if !json {
+            Console.out("decode \(fixed(row.decodeTokensPerSecond, 2)) tok/s, roofline \(fixed(row.rooflineTokensPerSecond, 2)) tok/s "
+                + "(\(fixed(bytesPerToken / 1e9, 3)) GB of weights per token at \(fixed(row.bandwidthGbps, 1)) GB/s): \(fixed(row.fraction, 2)) of roofline\n")
+        }
+    }
+
+    struct DecodeRow: Encodable {
+        var bench = "decode"
+        var model: String
+        var layers: String
+        var kernels: String
+        var threads: Int
+        var loadSeconds: Double
+        var prefillTokensPerSecond: Double
+        var decodeTokensPerSecond: Double
+        var bytesPerToken: Double
+        var bandwidthGbps: Double
+        var rooflineTokensPerSecond: Double
+        var fraction: Double
+        enum CodingKeys: String, CodingKey {
+            case bench, model, layers, kernels, threads, fraction
+            case loadSeconds = "load_s", prefillTokensPerSecond = "prefill_tok_s", decodeTokensPerSecond = "decode_tok_s"
+            case bytesPerToken = "bytes_per_token", bandwidthGbps = "bandwidth_gbps", rooflineTokensPerSecond = "roofline_tok_s"
+        }
+    }
+}
+
+struct SelfTest: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "selftest",
+        abstract: "Check every available CPU kernel path against an fp64 reference on random inputs.")
+
+    @Option(name: .long, help: "CPU threads (default: all cores).")
+    var threads: Int?
+
+    func run() throws {
+        let pool = ThreadPool(threads: threads ?? ThreadPool.availableCores)
+        Console.out("CPU: \(CPUFeatures.current), \(pool.threadCount) threads\n")
+        let checks = KernelSelfTest.run(pool: pool)
+        for c in checks where !c.passed || checks.count < 200 {
+            Console.out("\(c.passed ? "ok  " : "FAIL") \(c.name): error \(c.error) (tolerance \(c.tolerance))\n")
+        }
+        let failed = checks.filter { !$0.passed }.count
+        Console.out("\(checks.count - failed) passed, \(failed) failed\n")
+        if failed > 0 { throw ExitCode.failure }
+    }
+}
