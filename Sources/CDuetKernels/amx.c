@@ -32,8 +32,12 @@ static inline uint16_t to_bf16(float f) {  // round to nearest even
 
 // xp[kb][tg] is one 1 KB tile: [pair kp (16)][token t (16)][2].
 void duet_amx_pack_activations(const float *x, size_t ldx, size_t K, size_t T, uint16_t *xp) {
-    size_t KB = ceil_div(K, 32), TG = ceil_div(T, 16);
-    for (size_t kb = 0; kb < KB; kb++)
+    duet_amx_pack_activations_range(x, ldx, K, T, xp, 0, ceil_div(K, 32));
+}
+
+void duet_amx_pack_activations_range(const float *x, size_t ldx, size_t K, size_t T, uint16_t *xp, size_t kb0, size_t kb1) {
+    size_t TG = ceil_div(T, 16);
+    for (size_t kb = kb0; kb < kb1; kb++)
         for (size_t tg = 0; tg < TG; tg++) {
             uint16_t *tile = xp + (kb * TG + tg) * 512;
             for (size_t kp = 0; kp < 16; kp++)
@@ -145,4 +149,27 @@ AMX void duet_gate_up_bf16_amx(const uint16_t *W1, const uint16_t *W3, size_t ld
             }
     }
     free(up);
+}
+
+AMX double duet_peak_amx(size_t iterations) {
+    static uint16_t ones[16 * 32];
+    for (int i = 0; i < 16 * 32; i++) ones[i] = 0x3F80;  // 1.0 in bf16
+    configure();
+    _tile_loadd(0, ones, 64);
+    _tile_loadd(1, ones, 64);
+    _tile_loadd(2, ones, 64);
+    _tile_loadd(3, ones, 64);
+    _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+    for (size_t n = 0; n < iterations; n++) {
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 0, 3);
+        _tile_dpbf16ps(6, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+    }
+    float c[16][16];
+    _tile_stored(4, c, 64);
+    _tile_release();
+    volatile float sink = c[0][0];
+    (void)sink;
+    return (double)iterations * 4 * 16 * 16 * 32 * 2;
 }

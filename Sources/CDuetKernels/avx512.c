@@ -188,3 +188,16 @@ KERNEL uint64_t duet_read_bandwidth(const void *p, size_t bytes, int mode) {
     __m512i all = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
     return (uint64_t)_mm512_reduce_add_epi64(all);
 }
+
+KERNEL double duet_peak_avx512(size_t iterations) {
+    __m512 a[24];
+    __m512 b = _mm512_set1_ps(1.0000001f), c = _mm512_set1_ps(1e-7f);
+    for (int i = 0; i < 24; i++) a[i] = _mm512_set1_ps((float)i);
+    for (size_t n = 0; n < iterations; n++)
+        for (int i = 0; i < 24; i++) a[i] = _mm512_fmadd_ps(a[i], b, c);
+    __m512 s = a[0];
+    for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, a[i]);
+    volatile float sink = _mm512_reduce_add_ps(s);
+    (void)sink;
+    return (double)iterations * 24 * 16 * 2;
+}

@@ -33,3 +33,7 @@ uint32_t duet_cpu_features(void) {
 }
 
 void duet_cpu_relax(void) { __builtin_ia32_pause(); }
+
+int64_t duet_atomic_load(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+void duet_atomic_store(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+int64_t duet_atomic_fetch_add(int64_t *p, int64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }

@@ -175,10 +175,38 @@ public struct CPUKernels: Sendable {
         }
     }
 
+    /// Activations in AMX's tile layout (bf16), packed in parallel over k-blocks.
     private func packForAMX(_ x: UnsafePointer<Float>, K: Int, T: Int) -> UnsafeMutablePointer<UInt16> {
         let packed = UnsafeMutablePointer<UInt16>.allocate(capacity: duet_amx_packed_floats(K, T))
-        duet_amx_pack_activations(x, K, K, T, packed)
+        let kBlocks = (K + 31) / 32
+        let chunk = max(1, (kBlocks + pool.threadCount - 1) / pool.threadCount)
+        let px = Unchecked(x), pp = Unchecked(packed)
+        pool.parallelFor((kBlocks + chunk - 1) / chunk) { c in
+            duet_amx_pack_activations_range(px.value, K, K, T, pp.value, c * chunk, min(kBlocks, (c + 1) * chunk))
+        }
         return packed
+    }
+
+    /// The path's compute peak on this machine (GFLOP/s × 1e9) with every pool thread in a
+    /// register-only loop; nil for paths without one (reference, portable).
+    public func measuredPeakFlops(seconds: Double = 0.2) -> Double? {
+        let kernel: (Int) -> Double
+        switch path {
+        case .amx: kernel = { duet_peak_amx($0) }
+        case .avx512: kernel = { duet_peak_avx512($0) }
+        default: return nil
+        }
+        let flops = UnsafeMutablePointer<Double>.allocate(capacity: pool.threadCount)
+        defer { flops.deallocate() }
+        let pf = Unchecked(flops)
+        var iterations = 1 << 14
+        while true {
+            let start = ContinuousClock.now
+            pool.parallelFor(pool.threadCount) { t in pf.value[t] = kernel(iterations) }
+            let elapsed = secondsSince(start)
+            if elapsed >= seconds { return (0..<pool.threadCount).reduce(0) { $0 + flops[$1] } / elapsed }
+            iterations *= 2
+        }
     }
 }
 

@@ -31,6 +31,8 @@ void duet_gate_up_bf16_avx512(const uint16_t *W1, const uint16_t *W3, size_t ldw
 /// xp[kp][t][2] for kp in [0, ceil(K/32)*16), t in [0, Tpad) with Tpad = ceil(T/16)*16 (zero padded).
 size_t duet_amx_packed_floats(size_t K, size_t T);  // size of xp in uint16 elements
 void duet_amx_pack_activations(const float *x, size_t ldx, size_t K, size_t T, uint16_t *xp);
+/// The same for k-blocks [kb0, kb1) only (32 k each), so packing can run in parallel.
+void duet_amx_pack_activations_range(const float *x, size_t ldx, size_t K, size_t T, uint16_t *xp, size_t kb0, size_t kb1);
 
 /// y[t][r] for rows [r0, r1) with AMX tiles over packed activations (weights read in place:
 /// 16 rows x 32 k per tile). r1 - r0 need not be a multiple of 16, nor K of 32.
@@ -48,5 +50,15 @@ uint64_t duet_read_bandwidth(const void *p, size_t bytes, int mode);
 
 /// A spin-wait hint (x86 `pause`).
 void duet_cpu_relax(void);
+
+/// Sequentially consistent atomics on plain memory (the thread pool's padded slots).
+int64_t duet_atomic_load(const int64_t *p);
+void duet_atomic_store(int64_t *p, int64_t v);
+int64_t duet_atomic_fetch_add(int64_t *p, int64_t v);
+
+/// Register-only loops for a path's compute peak: the flops they did. AVX-512: 24
+/// independent fp32 FMA chains; AMX: four tdpbf16ps per iteration on resident tiles.
+double duet_peak_avx512(size_t iterations);
+double duet_peak_amx(size_t iterations);
 
 #endif
