@@ -21,9 +21,8 @@ public struct MemoryBandwidth: Sendable {
         let threads = pool.threadCount
         let perThread = max(1 << 16, bytes / threads / 4096 * 4096)
         let total = perThread * threads
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: total, alignment: 4096)
-        defer { buffer.deallocate() }
-        let base = Unchecked(buffer)
+        let buffer = HugePageBuffer(byteCount: total)
+        let base = Unchecked(buffer.base)
         pool.parallelFor(threads) { t in  // first touch by the thread that reads it (NUMA locality)
             let p = base.value + t * perThread
             for i in stride(from: 0, to: perThread, by: 8) { p.storeBytes(of: UInt64(i) &* 0x9E37_79B9, toByteOffset: i, as: UInt64.self) }
@@ -42,6 +41,7 @@ public struct MemoryBandwidth: Sendable {
             }
             // duet_read_bandwidth reads 4 quarters rounded down to 256 bytes.
             let read = (perThread / 4 / 256 * 256) * 4 * threads
+            withExtendedLifetime(buffer) {}
             return Row(mode: name, threads: threads, bytes: read, bestSeconds: best, gbps: Double(read) / best / 1e9)
         }
     }

@@ -96,9 +96,9 @@ public final class SyntheticWeights: WeightSource, @unchecked Sendable {
     public var filePaths: [String] { [] }
 
     private final class Storage {
-        let pointer: UnsafeMutablePointer<UInt16>
-        init(count: Int) { pointer = .allocate(capacity: count) }
-        deinit { pointer.deallocate() }
+        let buffer: HugePageBuffer
+        var pointer: UnsafeMutablePointer<UInt16> { buffer.base.assumingMemoryBound(to: UInt16.self) }
+        init(count: Int) { buffer = HugePageBuffer(byteCount: count * 2) }
     }
 }
 
