@@ -18,13 +18,13 @@ TARGET __m512 load_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_
 // loop is unmasked; one masked step takes the K tail.
 #define DEFINE_BLOCK(NAME, WT, LOAD)                                                              \
     TARGET void NAME(const WT *W, size_t ldw, size_t K, const float *x, size_t ldx, const int R,   \
-                     const int TT, float out[8][4]) {                                             \
-        __m512 acc[8][4];                                                                         \
+                     const int TT, float out[16][4]) {                                            \
+        __m512 acc[16][4];                                                                        \
         for (int i = 0; i < R; i++)                                                               \
             for (int j = 0; j < TT; j++) acc[i][j] = _mm512_setzero_ps();                         \
         size_t k = 0;                                                                             \
         for (; k + 16 <= K; k += 16) {                                                            \
-            __m512 w[8], xv[4];                                                                   \
+            __m512 w[16], xv[4];                                                                  \
             for (int i = 0; i < R; i++) w[i] = LOAD(W + i * ldw + k, (__mmask16)0xFFFF);          \
             for (int j = 0; j < TT; j++) xv[j] = _mm512_loadu_ps(x + j * ldx + k);                \
             for (int i = 0; i < R; i++)                                                           \
@@ -32,7 +32,7 @@ TARGET __m512 load_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_
         }                                                                                         \
         if (k < K) {                                                                              \
             __mmask16 m = (__mmask16)((1u << (K - k)) - 1);                                       \
-            __m512 w[8], xv[4];                                                                   \
+            __m512 w[16], xv[4];                                                                  \
             for (int i = 0; i < R; i++) w[i] = LOAD(W + i * ldw + k, m);                          \
             for (int j = 0; j < TT; j++) xv[j] = _mm512_maskz_loadu_ps(m, x + j * ldx + k);        \
             for (int i = 0; i < R; i++)                                                           \
@@ -45,17 +45,19 @@ TARGET __m512 load_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_
 DEFINE_BLOCK(block_bf16, uint16_t, load_bf16)
 DEFINE_BLOCK(block_f32, float, load_f32)
 
-// Rows per pass: 8 for one token (8 read streams keep the memory system busy), else 4
-// (4 rows x 4 tokens = 16 accumulators).
+// Rows per pass: at few tokens more rows, i.e. more concurrent read streams (the GPU
+// host's memory system needs ~16 per core to saturate); 16 accumulators otherwise. R is
+// 16 only when T == 1 and 8 only when T == 2, so every pass of a row group has TT <= 16 / R.
 static inline int rows_for(size_t left, size_t T) {
-    int want = T == 1 ? 8 : 4;
+    int want = T == 1 ? 16 : T == 2 ? 8 : 4;
     return left >= (size_t)want ? want : 1;
 }
 
 // Specialise R and TT as constants so the loops above unroll into registers.
 #define DISPATCH(BLOCK, R, TT, ...)                                                               \
     switch ((R) * 8 + (TT)) {                                                                     \
-    case 8 * 8 + 1: BLOCK(__VA_ARGS__, 8, 1, out); break;                                        \
+    case 16 * 8 + 1: BLOCK(__VA_ARGS__, 16, 1, out); break;                                      \
+    case 8 * 8 + 2: BLOCK(__VA_ARGS__, 8, 2, out); break;                                        \
     case 4 * 8 + 4: BLOCK(__VA_ARGS__, 4, 4, out); break;                                        \
     case 4 * 8 + 3: BLOCK(__VA_ARGS__, 4, 3, out); break;                                        \
     case 4 * 8 + 2: BLOCK(__VA_ARGS__, 4, 2, out); break;                                        \
@@ -68,7 +70,7 @@ static inline int rows_for(size_t left, size_t T) {
 
 KERNEL void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, const float *x, size_t ldx,
                                     size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
-    float out[8][4];
+    float out[16][4];
     for (size_t r = r0; r < r1;) {
         int R = rows_for(r1 - r, T);
         for (size_t t = 0; t < T; t += 4) {
@@ -83,7 +85,7 @@ KERNEL void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, con
 
 KERNEL void duet_matmul_f32_avx512(const float *W, size_t ldw, size_t K, const float *x, size_t ldx,
                                    size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
-    float out[8][4];
+    float out[16][4];
     for (size_t r = r0; r < r1;) {
         int R = rows_for(r1 - r, T);
         for (size_t t = 0; t < T; t += 4) {
@@ -100,13 +102,13 @@ static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * 
 
 // g[i][j], u[i][j] for R rows of both matrices and TT tokens (constants at each call site).
 TARGET void gate_up_block(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K, const float *x, size_t ldx,
-                          const int R, const int TT, float g_out[4][4], float u_out[4][4]) {
-    __m512 g[4][4], u[4][4];
+                          const int R, const int TT, float g_out[8][4], float u_out[8][4]) {
+    __m512 g[8][4], u[8][4];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < TT; j++) g[i][j] = u[i][j] = _mm512_setzero_ps();
     for (size_t k = 0; k < K; k += 16) {
         __mmask16 m = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        __m512 a[4], b[4], xv[4];
+        __m512 a[8], b[8], xv[4];
         for (int i = 0; i < R; i++) {
             a[i] = load_bf16(W1 + i * ldw + k, m);
             b[i] = load_bf16(W3 + i * ldw + k, m);
@@ -129,15 +131,17 @@ TARGET void gate_up_block(const uint16_t *W1, const uint16_t *W3, size_t ldw, si
 // read in one pass: 4 + 4 streams for one token, 2 + 2 rows x 4 tokens (16 accumulators) else.
 KERNEL void duet_gate_up_bf16_avx512(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K,
                                      const float *x, size_t ldx, size_t T, float *h, size_t ldh, size_t r0, size_t r1) {
-    float g[4][4], u[4][4];
+    float g[8][4], u[8][4];
     for (size_t r = r0; r < r1;) {
-        int want = T == 1 ? 4 : 2;
+        int want = T == 1 ? 8 : T == 2 ? 4 : 2;
         int R = r1 - r >= (size_t)want ? want : 1;
         for (size_t t = 0; t < T; t += 4) {
             int TT = T - t >= 4 ? 4 : (int)(T - t);
             const uint16_t *a = W1 + r * ldw, *b = W3 + r * ldw;
             const float *xt = x + t * ldx;
             switch (R * 8 + TT) {
+            case 8 * 8 + 1: gate_up_block(a, b, ldw, K, xt, ldx, 8, 1, g, u); break;
+            case 4 * 8 + 2: gate_up_block(a, b, ldw, K, xt, ldx, 4, 2, g, u); break;
             case 4 * 8 + 1: gate_up_block(a, b, ldw, K, xt, ldx, 4, 1, g, u); break;
             case 2 * 8 + 4: gate_up_block(a, b, ldw, K, xt, ldx, 2, 4, g, u); break;
             case 2 * 8 + 3: gate_up_block(a, b, ldw, K, xt, ldx, 2, 3, g, u); break;
