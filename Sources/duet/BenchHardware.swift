@@ -26,8 +26,8 @@ struct BenchMemory: ParsableCommand {
         for r in rows { try Console.json(MemoryRow(row: r, dispatchMicroseconds: dispatch * 1e6)) }
         if !json {
             let best = rows.max { $0.gbps < $1.gbps }!
-            Console.out(rows.map { "\($0.mode.padding(12)) \(fixed($0.gbps, 1)) GB/s" }.joined(separator: "\n")
-                + "\nbest: \(fixed(best.gbps, 1)) GB/s (\(best.mode), \(best.threads) threads, \(fixed(Double(best.bytes) / 1e9, 2)) GB per pass)"
+            Console.out(rows.map { "\($0.mode.padding(12)) \(String($0.streamsPerThread).padding(3)) streams/thread  \(fixed($0.gbps, 1)) GB/s" }.joined(separator: "\n")
+                + "\nbest: \(fixed(best.gbps, 1)) GB/s (\(best.mode), \(best.streamsPerThread) streams per thread, \(best.threads) threads, \(fixed(Double(best.bytes) / 1e9, 2)) GB per pass)"
                 + "\nthread-pool dispatch + join (empty parallel-for, \(pool.threadCount) threads): \(fixed(dispatch * 1e6, 2)) µs\n")
         }
     }
@@ -40,18 +40,19 @@ struct BenchMemory: ParsableCommand {
             var c = encoder.container(keyedBy: Key.self)
             try c.encode(bench, forKey: .bench)
             try c.encode(row.mode, forKey: .mode)
+            try c.encode(row.streamsPerThread, forKey: .streams)
             try c.encode(row.threads, forKey: .threads)
             try c.encode(row.bytes, forKey: .bytes)
             try c.encode(row.gbps, forKey: .gbps)
             try c.encode(dispatchMicroseconds, forKey: .dispatchMicroseconds)
         }
-        enum Key: String, CodingKey { case bench, mode, threads, bytes, gbps, dispatchMicroseconds = "pool_dispatch_us" }
+        enum Key: String, CodingKey { case bench, mode, streams = "streams_per_thread", threads, bytes, gbps, dispatchMicroseconds = "pool_dispatch_us" }
     }
 }
 
 /// The best bandwidth of `bench memory`, measured in the caller's run.
 func measuredBandwidth(pool: ThreadPool, gib: Double) throws -> Double {
-    let rows = MemoryBandwidth.measure(pool: pool, bytes: Int(gib * 1_073_741_824), repeats: 3)
+    let rows = MemoryBandwidth.measure(pool: pool, bytes: Int(gib * 1_073_741_824), repeats: 2)
     guard let best = rows.map(\.gbps).max() else { throw CLIError("measuring bandwidth needs AVX-512") }
     return best * 1e9
 }

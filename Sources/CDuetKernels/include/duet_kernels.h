@@ -43,10 +43,11 @@ void duet_matmul_bf16_amx(const uint16_t *W, size_t ldw, size_t K, const uint16_
 void duet_gate_up_bf16_amx(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K, const uint16_t *xp,
                            size_t T, float *h, size_t ldh, size_t r0, size_t r1);
 
-/// Reads [p, p + bytes) with AVX-512 loads in 4 independent streams; returns a value that
-/// depends on every byte (so the reads cannot be removed). mode 0: plain loads,
-/// 1: plain loads with software prefetch ahead, 2: non-temporal loads.
-uint64_t duet_read_bandwidth(const void *p, size_t bytes, int mode);
+/// Reads [p, p + bytes) (64-byte aligned) with AVX-512 loads in `streams` (4, 8 or 16)
+/// independent streams, each a contiguous slice; returns a value that depends on every byte
+/// read (so the reads cannot be removed). Reads (bytes / streams rounded down to 256) * streams
+/// bytes. mode 0: plain loads, 1: with software prefetch ahead, 2: non-temporal loads.
+uint64_t duet_read_bandwidth(const void *p, size_t bytes, int mode, int streams);
 
 /// A spin-wait hint (x86 `pause`).
 void duet_cpu_relax(void);
