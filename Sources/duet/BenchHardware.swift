@@ -187,9 +187,11 @@ struct BenchDecode: ParsableCommand {
     var json = false
 
     func run() throws {
-        let (model, _, loadSeconds) = try engine.load()
+        // The ceiling first, before the weights take memory (measured after loading many GB,
+        // the buffer gets fewer huge pages and reads slower), then again after the run.
         let pool = ThreadPool(threads: engine.threads ?? ThreadPool.availableCores)
         var bandwidth = try measuredBandwidth(pool: pool, gib: memoryGib)
+        let (model, _, loadSeconds) = try engine.load()
         let prompt = (0..<promptTokens).map { Int32(1 + ($0 * 7919) % (model.vocabSize - 1)) }
         let result = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: tokens + 1, stopTokenIds: []))
         bandwidth = max(bandwidth, try measuredBandwidth(pool: pool, gib: memoryGib))  // the higher reading, as bench kernels
