@@ -182,6 +182,9 @@ public final class MixtralModel: LanguageModel {
     let lmHead: WeightMatrix  // [V, D]; the embedding when tied
     let rope: Rope
     public let eosTokenIds: [Int]
+    /// Sees every layer's routing decisions (layer, one choice per token): popularity
+    /// profiles and tests.
+    public var routingObserver: ((Int, [ExpertChoice]) -> Void)?
 
     /// Opens `directory` (config.json, safetensors, optional generation_config.json) and
     /// checks every tensor's name and shape; tensor data stays on disk until used.
@@ -249,7 +252,7 @@ public final class MixtralModel: LanguageModel {
             rmsNorm(x, weight: layer.inputNorm, eps: config.rmsNormEps, &h, tokens: T)
             add(attentionBlock(h, layer: layer, index: l, cache: cache, tokens: T), into: &x)
             rmsNorm(x, weight: layer.postAttentionNorm, eps: config.rmsNormEps, &h, tokens: T)
-            add(moeBlock(h, layer: layer, tokens: T), into: &x)
+            add(moeBlock(h, layer: layer, index: l, tokens: T), into: &x)
         }
         cache.advance(T)
 
@@ -296,11 +299,12 @@ public final class MixtralModel: LanguageModel {
 
     /// Sparse MoE: route each token to k experts, run each chosen expert once over all the
     /// tokens routed to it (its weights are read once per step), sum weighted outputs. `[T, D]`
-    private func moeBlock(_ h: [Float], layer: MixtralLayer, tokens T: Int) -> [Float] {
+    private func moeBlock(_ h: [Float], layer: MixtralLayer, index layerIndex: Int, tokens T: Int) -> [Float] {
         let c = config, D = c.hiddenSize, E = c.numLocalExperts
         var routerLogits = [Float](repeating: 0, count: T * E)  // [T, E]
         kernels.matmul(h, layer.router, &routerLogits, tokens: T)
         let choices = routeTopK(routerLogits, tokens: T, experts: E, k: c.numExpertsPerToken)
+        routingObserver?(layerIndex, choices)
 
         var assigned = [[(token: Int, weight: Float)]](repeating: [], count: E)  // (E) tokens routed to e
         for (t, choice) in choices.enumerated() {

@@ -24,12 +24,15 @@ public enum SyntheticGeometry {
 public enum SyntheticError: Error, Equatable, CustomStringConvertible {
     case unknownGeometry(String)
     case badLayerCount(Int)
+    case badRouterSkew(Float)
     public var description: String {
         switch self {
         case .unknownGeometry(let name):
             "unknown synthetic geometry '\(name)'; known: \(SyntheticGeometry.names.joined(separator: ", "))"
         case .badLayerCount(let n):
             "--layers must be at least 1, got \(n)"
+        case .badRouterSkew(let s):
+            "--router-skew must be a finite number >= 0, got \(s)"
         }
     }
 }
@@ -37,26 +40,36 @@ public enum SyntheticError: Error, Equatable, CustomStringConvertible {
 /// Deterministic random bf16 weights, generated on request in parallel. Matrices are
 /// uniform in ±sqrt(3 / cols) (unit-variance outputs for unit-variance inputs); norm
 /// weights are 1. The same seed and name always give the same values.
+///
+/// Router skew S > 0 makes some experts popular the way trained models do, within the
+/// architecture (Mixtral's router has no bias): every embedding row gets a shared direction
+/// u (±a per element), so every token's hidden state leans along u, and expert e's router
+/// row gets S * z_e * u / D with z_e falling linearly from 1 (expert 0) to 0 (the last):
+/// expert e's logit then leans by about S * z_e on every token.
 public final class SyntheticWeights: WeightSource, @unchecked Sendable {
     public let seed: UInt64
+    public let routerSkew: Float
     private let pool: ThreadPool
     // Filled while the model is built (one thread), read-only afterwards.
     private var parameters = 0
     private var bytes = 0
 
-    public init(seed: UInt64, pool: ThreadPool) {
+    public init(seed: UInt64, pool: ThreadPool, routerSkew: Float = 0) {
         self.seed = seed
         self.pool = pool
+        self.routerSkew = routerSkew
     }
 
     /// A Mixtral model of geometry `name` (optionally with fewer layers) over synthetic weights.
-    public static func mixtral(_ name: String, layers: Int? = nil, seed: UInt64, kernels: CPUKernels) throws -> MixtralModel {
+    public static func mixtral(_ name: String, layers: Int? = nil, seed: UInt64, routerSkew: Float = 0,
+                               kernels: CPUKernels) throws -> MixtralModel {
         guard var config = SyntheticGeometry.all[name] else { throw SyntheticError.unknownGeometry(name) }
         if let layers {
             guard layers >= 1 else { throw SyntheticError.badLayerCount(layers) }
             config.numHiddenLayers = layers
         }
-        let weights = SyntheticWeights(seed: seed, pool: kernels.pool)
+        guard routerSkew >= 0, routerSkew.isFinite else { throw SyntheticError.badRouterSkew(routerSkew) }
+        let weights = SyntheticWeights(seed: seed, pool: kernels.pool, routerSkew: routerSkew)
         return try MixtralModel(config: config, weights: weights, kernels: kernels, eosTokenIds: config.eosTokenIds)
     }
 
@@ -79,6 +92,7 @@ public final class SyntheticWeights: WeightSource, @unchecked Sendable {
                 out.value[i] = floatToBF16(unit * scale)
             }
         }
+        if routerSkew > 0 { addSkew(name, storage.pointer, rows: rows, cols: cols, scale: scale) }
         parameters += count
         bytes += count * 2
         let view = TensorView(name: name, dtype: .bf16, shape: [rows, cols], base: UnsafeRawPointer(storage.pointer), owner: storage)
@@ -89,6 +103,29 @@ public final class SyntheticWeights: WeightSource, @unchecked Sendable {
         parameters += count
         bytes += count * 2
         return [Float](repeating: 1, count: count)
+    }
+
+    /// The shared direction u: ±1 per element, from the seed.
+    private func direction(_ n: Int) -> [Float] {
+        var z = seed ^ 0xD1B5_4A32_D192_ED03
+        return (0..<n).map { _ in
+            z = z &* 6364136223846793005 &+ 1442695040888963407
+            return (z >> 63) == 0 ? 1 : -1
+        }
+    }
+
+    private func addSkew(_ name: String, _ p: UnsafeMutablePointer<UInt16>, rows: Int, cols: Int, scale: Float) {
+        let u = direction(cols)
+        if name == MixtralNames.embed {
+            for r in 0..<rows {
+                for c in 0..<cols { p[r * cols + c] = floatToBF16(bf16ToFloat(p[r * cols + c]) + scale * u[c]) }
+            }
+        } else if name.hasSuffix("block_sparse_moe.gate.weight") {
+            for e in 0..<rows {
+                let z = rows > 1 ? 1 - Float(e) / Float(rows - 1) : 1
+                for c in 0..<cols { p[e * cols + c] = floatToBF16(bf16ToFloat(p[e * cols + c]) + routerSkew * z * u[c] / Float(cols)) }
+            }
+        }
     }
 
     public var parameterCount: Int { parameters }

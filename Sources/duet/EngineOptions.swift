@@ -30,6 +30,9 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "With --synthetic: the weights' seed.")
     var syntheticSeed: UInt64 = 0
 
+    @Option(name: .long, help: "With --synthetic: skew expert popularity (0 = near-uniform routing; 2-4 = strongly popular experts).")
+    var routerSkew: Float = 0
+
     @Option(name: .long, help: "CPU threads (default: all cores).")
     var threads: Int?
 
@@ -41,7 +44,7 @@ struct EngineOptions: ParsableArguments {
 
     func validate() throws {
         if model != nil && synthetic != nil { throw ValidationError("give --model or --synthetic, not both") }
-        if synthetic == nil && layers != nil { throw ValidationError("--layers goes with --synthetic") }
+        if synthetic == nil && (layers != nil || routerSkew != 0) { throw ValidationError("--layers and --router-skew go with --synthetic") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if strategy != .cpuOnly {
             throw ValidationError("--strategy \(strategy.rawValue) needs the CUDA backend, which this build does not have yet; use cpu-only")
@@ -70,7 +73,7 @@ struct EngineOptions: ParsableArguments {
         let kernels = try makeKernels()
         let start = ContinuousClock.now
         if let synthetic {
-            let model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, kernels: kernels)
+            let model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, routerSkew: routerSkew, kernels: kernels)
             return (model, nil, secondsSince(start))
         }
         let directory = try modelDirectory()
