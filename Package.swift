@@ -17,7 +17,7 @@ let package = Package(
         // mmap, safetensors (single and sharded), HF config.json.
         .target(name: "DuetFormats", dependencies: ["DuetCore"]),
         // HF tokenizer.json: normalizers, pre-tokenizers, BPE, post-processors, decoders.
-        .target(name: "DuetTokenizer", dependencies: ["DuetFormats"]),
+        .target(name: "DuetTokenizer", dependencies: ["DuetCore", "DuetFormats"]),
         // C with AVX-512 / AMX intrinsics, chosen at run time (Swift cannot emit AMX).
         .target(name: "CDuetKernels"),
         // CPU kernels: matmul over stored-dtype weights, expert FFN, norms, rope, attention, routing.
