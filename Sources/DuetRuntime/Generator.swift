@@ -51,15 +51,27 @@ public func generate(
     model: any LanguageModel, prompt: [Int32], options: GenerationOptions,
     onToken: (Int32) -> Void = { _ in }
 ) throws(ModelError) -> GenerationResult {
-    let stops = Set(options.stopTokenIds ?? model.eosTokenIds)
-    var sampler = Sampler(options.sampling)
     let cache = model.makeCache()
-    var timings = GenerationTimings(promptTokens: prompt.count, prefillSeconds: 0, decodeSteps: 0, decodeSeconds: 0)
-
     let prefillStart = ContinuousClock.now
-    var logits = try model.forward(prompt, cache: cache, allLogits: false)  // [V]
-    timings.prefillSeconds = secondsSince(prefillStart)
+    let logits = try model.forward(prompt, cache: cache, allLogits: false)  // [V]
+    let prefillSeconds = secondsSince(prefillStart)
+    var sampler = Sampler(options.sampling)
+    var result = try decode(model: model, cache: cache, logits: logits, options: options, sampler: &sampler, onToken: onToken)
+    result.timings.promptTokens = prompt.count
+    result.timings.prefillSeconds = prefillSeconds
+    return result
+}
 
+/// The decode loop from the logits of the last token in `cache`: sample, stream, feed back,
+/// until a stop id, `maxTokens` or the model's last position. The last sampled token is not
+/// fed (its KV is not in the cache).
+public func decode(
+    model: any LanguageModel, cache: KVCache, logits first: [Float], options: GenerationOptions,
+    sampler: inout Sampler, onToken: (Int32) -> Void
+) throws(ModelError) -> GenerationResult {
+    let stops = Set(options.stopTokenIds ?? model.eosTokenIds)
+    var timings = GenerationTimings(promptTokens: 0, prefillSeconds: 0, decodeSteps: 0, decodeSeconds: 0)
+    var logits = first
     var ids: [Int32] = []
     var logProbability = 0.0
     var reason = FinishReason.length

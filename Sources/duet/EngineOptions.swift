@@ -69,14 +69,15 @@ struct EngineOptions: ParsableArguments {
     }
 
     /// Loads the model (directory nil for synthetic weights) and reports how long it took.
-    func load() throws -> (model: any LanguageModel, directory: String?, seconds: Double) {
+    /// `directory`: one `modelDirectory()` already resolved.
+    func load(directory resolved: String? = nil) throws -> (model: any LanguageModel, directory: String?, seconds: Double) {
         let kernels = try makeKernels()
         let start = ContinuousClock.now
         if let synthetic {
             let model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, routerSkew: routerSkew, kernels: kernels)
             return (model, nil, secondsSince(start))
         }
-        let directory = try modelDirectory()
+        let directory = try resolved ?? modelDirectory()
         let model = try ModelRegistry.load(directory: directory, kernels: kernels)
         return (model, directory, secondsSince(start))
     }
