@@ -31,7 +31,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Fixture paths, temporary directories, error metrics shared by the test targets.
-        .target(name: "DuetTestSupport", path: "Tests/DuetTestSupport"),
+        .target(name: "DuetTestSupport", dependencies: ["DuetFormats"], path: "Tests/DuetTestSupport"),
         .testTarget(name: "DuetFormatsTests", dependencies: ["DuetFormats", "DuetTestSupport"]),
         .testTarget(name: "DuetTokenizerTests", dependencies: ["DuetTokenizer", "DuetTestSupport"]),
         .testTarget(name: "DuetCPUTests", dependencies: ["DuetCPU", "DuetTestSupport"]),

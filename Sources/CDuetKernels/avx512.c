@@ -68,35 +68,25 @@ static inline int rows_for(size_t left, size_t T) {
     default: BLOCK(__VA_ARGS__, 1, 1, out); break;                                               \
     }
 
-KERNEL void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, const float *x, size_t ldx,
-                                    size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
-    float out[16][4];
-    for (size_t r = r0; r < r1;) {
-        int R = rows_for(r1 - r, T);
-        for (size_t t = 0; t < T; t += 4) {
-            int TT = T - t >= 4 ? 4 : (int)(T - t);
-            DISPATCH(block_bf16, R, TT, W + r * ldw, ldw, K, x + t * ldx, ldx)
-            for (int i = 0; i < R; i++)
-                for (int j = 0; j < TT; j++) y[(t + j) * ldy + r + i] = out[i][j];
-        }
-        r += R;
+// One driver for both weight types: row groups of R rows, token groups of up to 4.
+#define DEFINE_MATMUL(NAME, WT, BLOCK)                                                            \
+    KERNEL void NAME(const WT *W, size_t ldw, size_t K, const float *x, size_t ldx, size_t T,     \
+                     float *y, size_t ldy, size_t r0, size_t r1) {                                \
+        float out[16][4];                                                                         \
+        for (size_t r = r0; r < r1;) {                                                            \
+            int R = rows_for(r1 - r, T);                                                          \
+            for (size_t t = 0; t < T; t += 4) {                                                   \
+                int TT = T - t >= 4 ? 4 : (int)(T - t);                                           \
+                DISPATCH(BLOCK, R, TT, W + r * ldw, ldw, K, x + t * ldx, ldx)                     \
+                for (int i = 0; i < R; i++)                                                       \
+                    for (int j = 0; j < TT; j++) y[(t + j) * ldy + r + i] = out[i][j];            \
+            }                                                                                     \
+            r += R;                                                                               \
+        }                                                                                         \
     }
-}
 
-KERNEL void duet_matmul_f32_avx512(const float *W, size_t ldw, size_t K, const float *x, size_t ldx,
-                                   size_t T, float *y, size_t ldy, size_t r0, size_t r1) {
-    float out[16][4];
-    for (size_t r = r0; r < r1;) {
-        int R = rows_for(r1 - r, T);
-        for (size_t t = 0; t < T; t += 4) {
-            int TT = T - t >= 4 ? 4 : (int)(T - t);
-            DISPATCH(block_f32, R, TT, W + r * ldw, ldw, K, x + t * ldx, ldx)
-            for (int i = 0; i < R; i++)
-                for (int j = 0; j < TT; j++) y[(t + j) * ldy + r + i] = out[i][j];
-        }
-        r += R;
-    }
-}
+DEFINE_MATMUL(duet_matmul_bf16_avx512, uint16_t, block_bf16)
+DEFINE_MATMUL(duet_matmul_f32_avx512, float, block_f32)
 
 static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 

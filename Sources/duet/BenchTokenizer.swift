@@ -114,7 +114,7 @@ struct BenchTokenizer: ParsableCommand {
 /// tokenizer.json, or a gzipped one (decompressed through the system's gzip).
 func loadTokenizer(_ path: String) throws -> Tokenizer {
     guard path.hasSuffix(".gz") else { return try Tokenizer(path: path) }
-    guard let bytes = runCapturing("gzip -dc '\(path)'") else {
+    guard let bytes = gunzipFile(path) else {
         throw CLIError("could not decompress \(path) with gzip")
     }
     return try Tokenizer(json: bytes, file: path)

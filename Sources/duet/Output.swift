@@ -55,19 +55,6 @@ func fixed(_ x: Double, _ digits: Int = 2) -> String {
     return s
 }
 
-/// Standard output of a shell command, or nil if it failed.
-func runCapturing(_ command: String) -> [UInt8]? {
-    guard let pipe = popen(command, "r") else { return nil }
-    var out: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, pipe) }
-        if n <= 0 { break }
-        out += chunk[0..<n]
-    }
-    return pclose(pipe) == 0 ? out : nil
-}
-
 /// A failure while running a verb (not a usage error): printed as one line, no usage text.
 struct CLIError: Error, CustomStringConvertible {
     let description: String

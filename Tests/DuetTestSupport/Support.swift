@@ -8,6 +8,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import DuetFormats
 
 /// Tests/Fixtures, found from this file's location (no bundle resources needed).
 public let fixturesDirectory: String = {
@@ -65,17 +66,7 @@ public func bytes(of values: [Float]) -> [UInt8] {
 }
 
 /// The decompressed contents of a .gz file (through the system's gzip).
-public func gunzip(_ path: String) -> [UInt8]? {
-    guard let pipe = popen("gzip -dc '\(path)'", "r") else { return nil }
-    var out: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, pipe) }
-        if n <= 0 { break }
-        out += chunk[0..<n]
-    }
-    return pclose(pipe) == 0 ? out : nil
-}
+public func gunzip(_ path: String) -> [UInt8]? { gunzipFile(path) }
 
 /// The repository root (parent of Tests/).
 public let repositoryRoot: String = {
