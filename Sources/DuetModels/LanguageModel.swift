@@ -33,13 +33,29 @@ public protocol LanguageModel: AnyObject {
     /// What `duet info` prints.
     var summary: ModelSummary { get }
 
-    /// An empty cache for one sequence.
+    /// An empty cache for one sequence (with a private, unbounded block pool).
     func makeCache() -> KVCache
+
+    /// A block pool for many sequences (batching, beams), at most `memoryLimit` bytes.
+    func makeCachePool(memoryLimit: Int?, blockSize: Int) -> KVBlockPool
 
     /// Runs `tokens` at positions `cache.length ..< cache.length + T`, appends their keys
     /// and values to `cache`, and returns logits: `[V]` for the last token, or `[T, V]`
     /// for every token when `allLogits` is true.
     func forward(_ tokens: [Int32], cache: KVCache, allLogits: Bool) throws(ModelError) -> [Float]
+
+    /// One forward step for several sequences at once (see MixtralModel.forwardBatch).
+    func forwardBatch(_ items: [BatchItem], allLogits: Bool) throws(ModelError) -> [[Float]]
+}
+
+/// One sequence's tokens for a batched step, and its cache.
+public struct BatchItem {
+    public var tokens: [Int32]
+    public var cache: KVCache
+    public init(tokens: [Int32], cache: KVCache) {
+        self.tokens = tokens
+        self.cache = cache
+    }
 }
 
 /// Errors a forward pass reports on bad input (never a crash).
@@ -47,6 +63,7 @@ public enum ModelError: Error, Equatable, CustomStringConvertible {
     case emptyInput
     case tokenOutOfRange(id: Int32, vocabSize: Int)
     case contextFull(needed: Int, limit: Int)
+    case cacheFull(String)
 
     public var description: String {
         switch self {
@@ -56,6 +73,8 @@ public enum ModelError: Error, Equatable, CustomStringConvertible {
             "token id \(id) is outside the vocabulary (0..<\(vocab))"
         case .contextFull(let needed, let limit):
             "sequence of \(needed) tokens exceeds the model's \(limit) positions (max_position_embeddings)"
+        case .cacheFull(let why):
+            why
         }
     }
 }

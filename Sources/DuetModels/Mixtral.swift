@@ -235,34 +235,71 @@ public final class MixtralModel: LanguageModel {
         KVCache(layers: config.numHiddenLayers, kvHeads: config.numKeyValueHeads, headDim: config.headDim)
     }
 
+    public func makeCachePool(memoryLimit bytes: Int?, blockSize: Int) -> KVBlockPool {
+        let c = config
+        if let bytes {
+            return KVBlockPool(layers: c.numHiddenLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, blockSize: blockSize, memoryLimit: bytes)
+        }
+        return KVBlockPool(layers: c.numHiddenLayers, kvHeads: c.numKeyValueHeads, headDim: c.headDim, blockSize: blockSize)
+    }
+
     // MARK: forward
 
     public func forward(_ tokens: [Int32], cache: KVCache, allLogits: Bool) throws(ModelError) -> [Float] {
-        let T = tokens.count, D = config.hiddenSize, start = cache.length
-        guard T > 0 else { throw .emptyInput }
-        if let bad = tokens.first(where: { $0 < 0 || Int($0) >= config.vocabSize }) {
-            throw .tokenOutOfRange(id: bad, vocabSize: config.vocabSize)
-        }
-        guard start + T <= maxPositions else { throw .contextFull(needed: start + T, limit: maxPositions) }
-        cache.reserve(T)
+        try forwardBatch([BatchItem(tokens: tokens, cache: cache)], allLogits: allLogits)[0]
+    }
 
-        var x = embedTokens(tokens)                    // [T, D] residual stream
-        var h = [Float](repeating: 0, count: T * D)    // [T, D] normed input of a block
+    /// One step for several sequences: their tokens go through every matmul together (so
+    /// an expert's weights are read once for all tokens routed to it), attention runs per
+    /// sequence over its own cache and positions. Logits per item: `[V]`, or `[T, V]` with `allLogits`.
+    public func forwardBatch(_ items: [BatchItem], allLogits: Bool) throws(ModelError) -> [[Float]] {
+        let D = config.hiddenSize
+        for item in items {
+            guard !item.tokens.isEmpty else { throw .emptyInput }
+            if let bad = item.tokens.first(where: { $0 < 0 || Int($0) >= config.vocabSize }) {
+                throw .tokenOutOfRange(id: bad, vocabSize: config.vocabSize)
+            }
+            let needed = item.cache.length + item.tokens.count
+            guard needed <= maxPositions else { throw .contextFull(needed: needed, limit: maxPositions) }
+        }
+        do {
+            for item in items { try item.cache.reserve(item.tokens.count) }
+        } catch {
+            throw .cacheFull(error.description)
+        }
+        var rowStarts: [Int] = []                      // first row of each item in the batch
+        var N = 0
+        for item in items { rowStarts.append(N); N += item.tokens.count }
+
+        var x = embedTokens(items.flatMap(\.tokens))   // [N, D] residual stream
+        var h = [Float](repeating: 0, count: N * D)    // [N, D] normed input of a block
         for (l, layer) in layers.enumerated() {
-            rmsNorm(x, weight: layer.inputNorm, eps: config.rmsNormEps, &h, tokens: T)
-            add(attentionBlock(h, layer: layer, index: l, cache: cache, tokens: T), into: &x)
-            rmsNorm(x, weight: layer.postAttentionNorm, eps: config.rmsNormEps, &h, tokens: T)
-            add(moeBlock(h, layer: layer, index: l, tokens: T), into: &x)
+            rmsNorm(x, weight: layer.inputNorm, eps: config.rmsNormEps, &h, tokens: N)
+            add(attentionBlock(h, layer: layer, index: l, items: items, rowStarts: rowStarts, rows: N), into: &x)
+            rmsNorm(x, weight: layer.postAttentionNorm, eps: config.rmsNormEps, &h, tokens: N)
+            add(moeBlock(h, layer: layer, index: l, tokens: N), into: &x)
         }
-        cache.advance(T)
+        for item in items { item.cache.advance(item.tokens.count) }
 
-        let rows = allLogits ? T : 1                   // logits for every token, or the last
-        let last = Array(x[((T - rows) * D)...])       // [rows, D]
-        var normed = [Float](repeating: 0, count: rows * D)
-        rmsNorm(last, weight: norm, eps: config.rmsNormEps, &normed, tokens: rows)
-        var logits = [Float](repeating: 0, count: rows * config.vocabSize)  // [rows, V]
-        kernels.matmul(normed, lmHead, &logits, tokens: rows)
-        return logits
+        // Final norm and lm_head over the rows that need logits.
+        let picked = zip(items, rowStarts).flatMap { item, r in
+            allLogits ? Array(r..<(r + item.tokens.count)) : [r + item.tokens.count - 1]
+        }
+        var last = [Float](repeating: 0, count: picked.count * D)  // [rows, D]
+        for (i, r) in picked.enumerated() { last.replaceSubrange((i * D)..<((i + 1) * D), with: x[(r * D)..<((r + 1) * D)]) }
+        var normed = [Float](repeating: 0, count: picked.count * D)
+        rmsNorm(last, weight: norm, eps: config.rmsNormEps, &normed, tokens: picked.count)
+        let V = config.vocabSize
+        var logits = [Float](repeating: 0, count: picked.count * V)  // [rows, V]
+        kernels.matmul(normed, lmHead, &logits, tokens: picked.count)
+        var out: [[Float]] = []
+        var row = 0
+        for item in items {
+            let n = allLogits ? item.tokens.count : 1
+            out.append(Array(logits[(row * V)..<((row + n) * V)]))
+            row += n
+        }
+        return out
     }
 
     /// Rows of the embedding table, widened to fp32. `[T, D]`
@@ -275,25 +312,41 @@ public final class MixtralModel: LanguageModel {
         return x
     }
 
-    /// Self-attention with rope and grouped KV heads; appends this step's K/V to the cache. `[T, D]`
-    private func attentionBlock(_ h: [Float], layer: MixtralLayer, index l: Int, cache: KVCache, tokens T: Int) -> [Float] {
+    /// Self-attention with rope and grouped KV heads; projections over all N rows, rope,
+    /// cache writes and attention per sequence. `[N, D]`
+    private func attentionBlock(_ h: [Float], layer: MixtralLayer, index l: Int, items: [BatchItem],
+                                rowStarts: [Int], rows N: Int) -> [Float] {
         let c = config, H = c.numAttentionHeads, Hkv = c.numKeyValueHeads, d = c.headDim
-        let start = cache.length
-        var q = [Float](repeating: 0, count: T * H * d)    // [T, H, d]
-        var k = [Float](repeating: 0, count: T * Hkv * d)  // [T, Hkv, d]
-        var v = [Float](repeating: 0, count: T * Hkv * d)  // [T, Hkv, d]
-        kernels.matmul(h, layer.q, &q, tokens: T)
-        kernels.matmul(h, layer.k, &k, tokens: T)
-        kernels.matmul(h, layer.v, &v, tokens: T)
-        rope.apply(&q, heads: H, positions: start..<(start + T))
-        rope.apply(&k, heads: Hkv, positions: start..<(start + T))
-        cache.store(layer: l, keys: k, values: v, count: T)
-
-        var o = [Float](repeating: 0, count: T * H * d)    // [T, H, d]
-        attention(queries: q, keys: cache.keys[l], values: cache.values[l], out: &o, tokens: T, start: start,
-                  heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow, pool: kernels.pool)
-        var out = [Float](repeating: 0, count: T * c.hiddenSize)  // [T, D]
-        kernels.matmul(o, layer.o, &out, tokens: T)
+        var q = [Float](repeating: 0, count: N * H * d)    // [N, H, d]
+        var k = [Float](repeating: 0, count: N * Hkv * d)  // [N, Hkv, d]
+        var v = [Float](repeating: 0, count: N * Hkv * d)  // [N, Hkv, d]
+        kernels.matmul(h, layer.q, &q, tokens: N)
+        kernels.matmul(h, layer.k, &k, tokens: N)
+        kernels.matmul(h, layer.v, &v, tokens: N)
+        var o = [Float](repeating: 0, count: N * H * d)    // [N, H, d]
+        q.withUnsafeMutableBufferPointer { qp in
+            k.withUnsafeMutableBufferPointer { kp in
+                v.withUnsafeMutableBufferPointer { vp in
+                    o.withUnsafeMutableBufferPointer { op in
+                        for (item, r) in zip(items, rowStarts) {
+                            let T = item.tokens.count, start = item.cache.length
+                            let qi = qp.baseAddress! + r * H * d, ki = kp.baseAddress! + r * Hkv * d
+                            rope.apply(qi, heads: H, positions: start..<(start + T))
+                            rope.apply(ki, heads: Hkv, positions: start..<(start + T))
+                            item.cache.store(layer: l, keys: ki, values: vp.baseAddress! + r * Hkv * d, count: T)
+                            let (keys, values) = item.cache.blockRows(layer: l)
+                            let bs = item.cache.pool.blockSize, w = Hkv * d
+                            attention(queries: qi, keys: KVRows(blocks: keys, blockSize: bs, rowWidth: w),
+                                      values: KVRows(blocks: values, blockSize: bs, rowWidth: w),
+                                      out: op.baseAddress! + r * H * d, tokens: T, start: start,
+                                      heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow, pool: kernels.pool)
+                        }
+                    }
+                }
+            }
+        }
+        var out = [Float](repeating: 0, count: N * c.hiddenSize)  // [N, D]
+        kernels.matmul(o, layer.o, &out, tokens: N)
         return out
     }
 

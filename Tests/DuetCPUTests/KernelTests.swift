@@ -64,8 +64,26 @@ func makeWeights(_ values: [Float], rows: Int, cols: Int, dtype: DType) -> (Weig
         let T = 4, start = 2, H = 4, Hkv = 2, d = 8, P = start + T
         let q = randomFloats(T * H * d, seed: 4), k = randomFloats(P * Hkv * d, seed: 5), v = randomFloats(P * Hkv * d, seed: 6)
         var out = [Float](repeating: .nan, count: T * H * d)
-        attention(queries: q, keys: k, values: v, out: &out, tokens: T, start: start,
-                  heads: H, kvHeads: Hkv, headDim: d, window: window, pool: ThreadPool(threads: 2))
+        k.withUnsafeBufferPointer { kp in
+            v.withUnsafeBufferPointer { vp in
+                attention(queries: q, keys: KVRows(contiguous: kp.baseAddress!, rowWidth: Hkv * d),
+                          values: KVRows(contiguous: vp.baseAddress!, rowWidth: Hkv * d), out: &out, tokens: T, start: start,
+                          heads: H, kvHeads: Hkv, headDim: d, window: window, pool: ThreadPool(threads: 2))
+            }
+        }
+        // The same rows in blocks of 4 positions (a paged KV cache) give the same output.
+        let bs = 4, w = Hkv * d
+        let blocks = stride(from: 0, to: P, by: bs).map { p0 -> (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>) in
+            let kb = UnsafeMutablePointer<Float>.allocate(capacity: bs * w), vb = UnsafeMutablePointer<Float>.allocate(capacity: bs * w)
+            for i in 0..<min(bs, P - p0) * w { kb[i] = k[p0 * w + i]; vb[i] = v[p0 * w + i] }
+            return (kb, vb)
+        }
+        var paged = [Float](repeating: .nan, count: T * H * d)
+        attention(queries: q, keys: KVRows(blocks: blocks.map { UnsafePointer($0.0) }, blockSize: bs, rowWidth: w),
+                  values: KVRows(blocks: blocks.map { UnsafePointer($0.1) }, blockSize: bs, rowWidth: w), out: &paged, tokens: T,
+                  start: start, heads: H, kvHeads: Hkv, headDim: d, window: window, pool: ThreadPool(threads: 1))
+        for (kb, vb) in blocks { kb.deallocate(); vb.deallocate() }
+        #expect(paged == out)
         var reference = [Float](repeating: 0, count: T * H * d)
         for t in 0..<T {
             let p = start + t
