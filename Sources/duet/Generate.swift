@@ -2,6 +2,7 @@ import ArgumentParser
 import DuetFormats
 import DuetModels
 import DuetRuntime
+import DuetCore
 import DuetTokenizer
 
 struct Generate: ParsableCommand {
@@ -34,12 +35,28 @@ struct Generate: ParsableCommand {
     @Flag(name: .long, help: "Print one JSON object instead of streaming.")
     var json = false
 
+    @Option(name: .long, help: "Beam search with this many beams (HF semantics; 1 = off).")
+    var beamWidth = 1
+
+    @Option(name: .long, help: "With --beam-width: hypotheses to print, best first (default: the width).")
+    var numReturnSequences: Int?
+
+    @Option(name: .long, help: "With --beam-width: scores are log-probability / length^L.")
+    var lengthPenalty: Double = 1
+
+    @Option(name: .long, help: "With --beam-width: true (stop once W hypotheses end), false (HF's default heuristic) or never.")
+    var earlyStopping: String = "false"
+
     func validate() throws {
         guard maxTokens > 0 else { throw ValidationError("--max-tokens must be positive") }
         guard temperature >= 0, temperature.isFinite else { throw ValidationError("--temperature must be >= 0") }
         guard topK >= 0 else { throw ValidationError("--top-k must be >= 0") }
         guard topP > 0, topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
         guard (prompt == nil) != (promptIds == nil) else { throw ValidationError("give exactly one of --prompt and --prompt-ids") }
+        guard beamWidth >= 1 else { throw ValidationError("--beam-width must be at least 1") }
+        if let n = numReturnSequences, n < 1 || n > beamWidth { throw ValidationError("--num-return-sequences must be between 1 and --beam-width") }
+        guard EarlyStopping(rawValue: earlyStopping) != nil else { throw ValidationError("--early-stopping must be true, false or never") }
+        if beamWidth > 1 && temperature != 0 { throw ValidationError("beam search here is deterministic: leave --temperature at 0") }
         if let promptIds { _ = try parseIds(promptIds, option: "--prompt-ids") }
     }
 
@@ -56,6 +73,9 @@ struct Generate: ParsableCommand {
             promptTokens = try tokenizer.encode(prompt)
         } else {
             promptTokens = try parseIds(promptIds!, option: "--prompt-ids")
+        }
+        if beamWidth > 1 {
+            return try runBeams(model: model, prompt: promptTokens, tokenizer: tokenizer, loadSeconds: loadSeconds)
         }
         // Text streams as the continuation of the prompt (the prompt is echoed first).
         var stream = try tokenizer.map { try StreamingDecoder(tokenizer: $0, skipSpecialTokens: true, context: promptTokens) }
@@ -86,6 +106,38 @@ struct Generate: ParsableCommand {
                 + "(\(fixed(t.decodeTokensPerSecond, 1)) tok/s) | \(result.finishReason.rawValue)\n")
         }
     }
+}
+
+extension Generate {
+    /// `--beam-width W`: the hypotheses best first, each with its score.
+    func runBeams(model: any LanguageModel, prompt: [Int32], tokenizer: Tokenizer?, loadSeconds: Double) throws {
+        let options = BeamSearchOptions(width: beamWidth, numReturnSequences: numReturnSequences, maxNewTokens: maxTokens,
+                                        lengthPenalty: lengthPenalty, earlyStopping: EarlyStopping(rawValue: earlyStopping)!)
+        let start = ContinuousClock.now
+        let beams = try beamSearch(model: model, prompt: prompt, options: options)
+        let seconds = secondsSince(start)
+        let texts = try beams.map { b in try tokenizer.map { try continuation($0, prompt: prompt, ids: b.ids) } }
+        if json {
+            try Console.json(BeamOutput(
+                sequences: zip(beams, texts).map { .init(ids: $0.ids, text: $1, score: $0.score) },
+                timings: .init(loadSeconds: loadSeconds, promptTokens: prompt.count, seconds: seconds, beamWidth: beamWidth)))
+            return
+        }
+        for (i, (b, text)) in zip(beams, texts).enumerated() {
+            Console.out("[\(i + 1)] score \(fixed(b.score, 4)): " + (text ?? b.ids.map(String.init).joined(separator: " ")) + "\n")
+        }
+        Console.err("load \(fixed(loadSeconds, 3)) s | beam search W=\(beamWidth), \(prompt.count) prompt tokens, \(fixed(seconds, 3)) s\n")
+    }
+}
+
+struct BeamOutput: Encodable {
+    struct Sequence: Encodable { var ids: [Int32]; var text: String?; var score: Double }
+    struct Timings: Encodable {
+        var loadSeconds: Double; var promptTokens: Int; var seconds: Double; var beamWidth: Int
+        enum CodingKeys: String, CodingKey { case loadSeconds = "load_s", promptTokens = "prompt_tokens", seconds = "search_s", beamWidth = "beam_width" }
+    }
+    var sequences: [Sequence]
+    var timings: Timings
 }
 
 /// What `ids` add to the prompt's text: decode(prompt + ids) minus decode(prompt), so the

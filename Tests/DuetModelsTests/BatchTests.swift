@@ -1,0 +1,57 @@
+import DuetCore
+import DuetCPU
+import DuetModels
+import DuetRuntime
+import DuetTestSupport
+import Testing
+
+@Suite(.serialized) struct BatchTests {
+    /// Sequences of different lengths and positions in one batched step give exactly the
+    /// logits each gives alone (reference path), whatever the batch composition.
+    @Test func batchedStepEqualsSeparateSteps() throws {
+        let model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference())
+        let prompts: [[Int32]] = [[1, 9, 99, 199, 299, 399, 499, 599, 42, 43, 44, 45, 46], [1, 600, 2, 33], [1, 5]]
+        let pool = model.makeCachePool(memoryLimit: nil, blockSize: 4)
+        let caches = prompts.map { _ in KVCache(pool: pool) }
+        let batched = try model.forwardBatch(zip(prompts, caches).map { BatchItem(tokens: $0, cache: $1) }, allLogits: false)
+        for (p, logits) in zip(prompts, batched) {
+            #expect(logits == (try model.forward(p, cache: model.makeCache(), allLogits: false)))
+        }
+        // A decode step for two of them plus a new prefill, batched.
+        let fresh: [Int32] = [1, 77, 78, 79]
+        let step = try model.forwardBatch([BatchItem(tokens: [7], cache: caches[0]), BatchItem(tokens: fresh, cache: KVCache(pool: pool)),
+                                           BatchItem(tokens: [8], cache: caches[2])], allLogits: false)
+        #expect(step[0] == (try model.forward(prompts[0] + [7], cache: model.makeCache(), allLogits: false)))
+        #expect(step[1] == (try model.forward(fresh, cache: model.makeCache(), allLogits: false)))
+        #expect(step[2] == (try model.forward(prompts[2] + [8], cache: model.makeCache(), allLogits: false)))
+    }
+
+    /// Forked caches share blocks until one side writes; the other side never sees it.
+    @Test func forkIsCopyOnWrite() throws {
+        let model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference())
+        let pool = model.makeCachePool(memoryLimit: nil, blockSize: 4)
+        let base = KVCache(pool: pool)
+        _ = try model.forward([1, 9, 99, 199, 299, 399], cache: base, allLogits: false)  // 6 positions: 2 blocks
+        #expect(pool.blocksInUse == 2)
+        let a = base.fork(), b = base.fork()
+        #expect(pool.blocksInUse == 2)
+        let la = try model.forward([5], cache: a, allLogits: false)  // writes into the shared second block
+        #expect(pool.blocksInUse == 3)
+        let lb = try model.forward([6], cache: b, allLogits: false)
+        #expect(la == (try model.forward([1, 9, 99, 199, 299, 399, 5], cache: model.makeCache(), allLogits: false)))
+        #expect(lb == (try model.forward([1, 9, 99, 199, 299, 399, 6], cache: model.makeCache(), allLogits: false)))
+        b.truncate(0)
+        #expect(pool.blocksInUse == 3)  // base still holds 2, a holds its private copy
+    }
+
+    @Test func aFullCacheIsAClearError() throws {
+        let model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference())
+        let pool = model.makeCachePool(memoryLimit: 2 * 3 * 2 * 4 * 2 * 32 * 4, blockSize: 4)  // exactly 2 blocks
+        let cache = KVCache(pool: pool)
+        _ = try model.forward([1, 2, 3, 4, 5, 6, 7, 8], cache: cache, allLogits: false)
+        #expect(throws: ModelError.self) { _ = try model.forward([9], cache: cache, allLogits: false) }
+        do { _ = try model.forward([9], cache: cache, allLogits: false) } catch {
+            #expect("\(error)".contains("the KV cache is full (2 blocks"))
+        }
+    }
+}
