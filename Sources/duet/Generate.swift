@@ -35,6 +35,18 @@ struct Generate: ParsableCommand {
     @Flag(name: .long, help: "Print one JSON object instead of streaming.")
     var json = false
 
+    @Option(name: .long, help: "Run every prompt of a JSONL file ({\"id\", \"prompt\" | \"messages\", max_tokens, temperature, top_p, seed}) in batches.")
+    var prompts: String?
+
+    @Option(name: .long, help: "With --prompts: where the results go (one JSON line per prompt, in finishing order).")
+    var output: String?
+
+    @Option(name: .long, help: "With --prompts: most sequences advancing together.")
+    var batchSize = 8
+
+    @Option(name: .long, help: "With --prompts or --beam-width: KV cache limit in MiB (default: none).")
+    var cacheMemoryMib: Int?
+
     @Option(name: .long, help: "Beam search with this many beams (HF semantics; 1 = off).")
     var beamWidth = 1
 
@@ -52,7 +64,11 @@ struct Generate: ParsableCommand {
         guard temperature >= 0, temperature.isFinite else { throw ValidationError("--temperature must be >= 0") }
         guard topK >= 0 else { throw ValidationError("--top-k must be >= 0") }
         guard topP > 0, topP <= 1 else { throw ValidationError("--top-p must be in (0, 1]") }
-        guard (prompt == nil) != (promptIds == nil) else { throw ValidationError("give exactly one of --prompt and --prompt-ids") }
+        guard [prompt != nil, promptIds != nil, prompts != nil].filter({ $0 }).count == 1 else {
+            throw ValidationError("give exactly one of --prompt, --prompt-ids and --prompts")
+        }
+        if prompts != nil && output == nil { throw ValidationError("--prompts needs --output") }
+        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
         guard beamWidth >= 1 else { throw ValidationError("--beam-width must be at least 1") }
         if let n = numReturnSequences, n < 1 || n > beamWidth { throw ValidationError("--num-return-sequences must be between 1 and --beam-width") }
         guard EarlyStopping(rawValue: earlyStopping) != nil else { throw ValidationError("--early-stopping must be true, false or never") }
@@ -62,6 +78,11 @@ struct Generate: ParsableCommand {
 
     func run() throws {
         let (model, directory, loadSeconds) = try engine.load()
+        if let prompts {
+            let defaults = GenerationOptions(maxTokens: maxTokens, sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed))
+            return try BatchFileRun(model: model, directory: directory, defaults: defaults, batchSize: batchSize,
+                                    cacheMemory: cacheMemoryMib.map { $0 << 20 }).run(input: prompts, output: output!)
+        }
         // Text in and out needs the model's tokenizer; ids alone do not.
         let tokenizerPath = directory.map { joinPath($0, "tokenizer.json") }
         let tokenizer: Tokenizer? = try tokenizerPath.flatMap { fileExists($0) ? try Tokenizer(path: $0) : nil }
@@ -112,7 +133,8 @@ extension Generate {
     /// `--beam-width W`: the hypotheses best first, each with its score.
     func runBeams(model: any LanguageModel, prompt: [Int32], tokenizer: Tokenizer?, loadSeconds: Double) throws {
         let options = BeamSearchOptions(width: beamWidth, numReturnSequences: numReturnSequences, maxNewTokens: maxTokens,
-                                        lengthPenalty: lengthPenalty, earlyStopping: EarlyStopping(rawValue: earlyStopping)!)
+                                        lengthPenalty: lengthPenalty, earlyStopping: EarlyStopping(rawValue: earlyStopping)!,
+                                        cacheMemoryLimit: cacheMemoryMib.map { $0 << 20 })
         let start = ContinuousClock.now
         let beams = try beamSearch(model: model, prompt: prompt, options: options)
         let seconds = secondsSince(start)

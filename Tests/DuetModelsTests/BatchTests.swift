@@ -55,3 +55,31 @@ import Testing
         }
     }
 }
+
+@Suite(.serialized) struct BatchGeneratorTests {
+    /// Every prompt's greedy output equals running it alone, whatever the batch size and
+    /// however the (small) cache limit makes prompts wait in the queue.
+    @Test(arguments: [1, 2, 3, 8])
+    func batchedOutputsEqualSingleRuns(maxSequences: Int) throws {
+        let model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference())
+        let prompts: [[Int32]] = [[1, 600, 2, 33], [1, 9, 99, 199, 299, 399, 499, 599, 42, 43, 44, 45, 46], [1, 5], [1, 7, 7, 7, 7, 7, 7]]
+        let requests = prompts.enumerated().map { i, p in
+            BatchRequest(id: "p\(i)", prompt: p, options: GenerationOptions(maxTokens: 5 + i * 3, stopTokenIds: []))
+        }
+        let perBlock = 3 * 2 * 16 * 2 * 32 * 4  // layers x (K, V) x 16 positions x kv heads x head dim x fp32
+        let generator = BatchGenerator(model: model, maxSequences: maxSequences, cacheMemoryLimit: 3 * perBlock)
+        var results: [String: [Int32]] = [:]
+        try generator.run(requests) { r, result in results[r.id] = result.ids }
+        for r in requests {
+            #expect(results[r.id] == (try generate(model: model, prompt: r.prompt, options: r.options)).ids, "\(r.id) B=\(maxSequences)")
+        }
+        #expect(generator.pool.blocksInUse == 0)
+    }
+
+    @Test func aPromptTooLongForTheCacheIsAClearError() throws {
+        let model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference())
+        let generator = BatchGenerator(model: model, maxSequences: 2, cacheMemoryLimit: 3 * 2 * 16 * 2 * 32 * 4)  // one block
+        let request = BatchRequest(id: "long", prompt: [Int32](repeating: 3, count: 20), options: GenerationOptions(maxTokens: 4))
+        #expect(throws: ModelError.self) { try generator.run([request]) { _, _ in } }
+    }
+}
