@@ -130,9 +130,26 @@ private func topContinuations(_ beams: [(score: Double, logits: [Float])], count
         for v in logits { total += exp(Double(v) - m) }
         let logZ = m + log(total)
         // This beam's own best `count` tokens are enough for the overall best `count`.
-        let order = logits.indices.sorted { logits[$0] != logits[$1] ? logits[$0] > logits[$1] : $0 < $1 }.prefix(count)
-        for v in order { all.append((b, Int32(v), beam.score + Double(logits[v]) - logZ)) }
+        for v in topIndices(logits, count) { all.append((b, Int32(v), beam.score + Double(logits[v]) - logZ)) }
     }
     all.sort { $0.score != $1.score ? $0.score > $1.score : ($0.beam, $0.token) < ($1.beam, $1.token) }
     return Array(all.prefix(count))
+}
+
+/// Indices of the `k` largest values, largest first (lower index first on ties), in one
+/// pass with a small sorted buffer: O(V log k), not a sort of the whole vocabulary.
+func topIndices(_ x: [Float], _ k: Int) -> [Int] {
+    var best: [Int] = []
+    best.reserveCapacity(k + 1)
+    for i in x.indices {
+        if best.count == k, let last = best.last, x[i] <= x[last] { continue }
+        var lo = 0, hi = best.count  // first position whose value is smaller than x[i]
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if x[best[mid]] >= x[i] { lo = mid + 1 } else { hi = mid }
+        }
+        best.insert(i, at: lo)
+        if best.count > k { best.removeLast() }
+    }
+    return best
 }

@@ -251,3 +251,102 @@ struct SelfTest: ParsableCommand {
         if failed > 0 { throw ExitCode.failure }
     }
 }
+
+struct BenchBatch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "batch",
+        abstract: "Aggregate decode tokens/s for batch sizes and beam widths, next to the roofline of the distinct expert bytes each step reads.")
+
+    @OptionGroup var engine: EngineOptions
+    @Option(name: .long, parsing: .upToNextOption, help: "Batch sizes.")
+    var batchSizes: [Int] = [1, 2, 4, 8, 16]
+    @Option(name: .long, parsing: .upToNextOption, help: "Beam widths.")
+    var beamWidths: [Int] = [4, 8, 16]
+    @Option(name: .long, help: "Decode steps measured per row.")
+    var steps = 8
+    @Option(name: .long, help: "Prompt length per sequence.")
+    var promptTokens = 24
+    @Option(name: .long, help: "GiB for the bandwidth measurement.")
+    var memoryGib: Double = 4
+    @Flag(name: .long, help: "Print only JSON rows.")
+    var json = false
+
+    func run() throws {
+        let pool = ThreadPool(threads: engine.threads ?? ThreadPool.availableCores)
+        var bandwidth = try measuredBandwidth(pool: pool, gib: memoryGib)
+        let (loaded, _, _) = try engine.load()
+        guard let model = loaded as? MixtralModel else { throw CLIError("bench batch needs a Mixtral-family model") }
+        let c = model.config
+        let expertBytes = Double(c.parametersPerExpert * 2)  // bf16
+        let nonExpertBytes = Double(model.summary.decodeBytesPerToken) - Double(c.numHiddenLayers * c.numExpertsPerToken) * expertBytes
+        // Distinct experts per layer in each decode step (steps have at most `width` tokens).
+        var distinct = 0, stepsSeen = 0, limit = 0
+        model.routingObserver = { _, choices in
+            guard choices.count <= limit else { return }
+            distinct += Set(choices.flatMap(\.experts)).count
+            stepsSeen += 1
+        }
+        var rows: [BatchRow] = []
+        for B in batchSizes {
+            limit = B
+            let caches = (0..<B).map { _ in model.makeCache() }
+            let prompts = (0..<B).map { b in (0..<promptTokens).map { Int32(1 + (b * 7919 + $0 * 104_729) % (c.vocabSize - 1)) } }
+            var logits = try model.forwardBatch(zip(prompts, caches).map { BatchItem(tokens: $0, cache: $1) }, allLogits: false)
+            distinct = 0; stepsSeen = 0
+            let start = ContinuousClock.now
+            for _ in 0..<steps {
+                logits = try model.forwardBatch(zip(logits, caches).map { BatchItem(tokens: [Int32(argmax($0))], cache: $1) }, allLogits: false)
+            }
+            rows.append(row("batch", B, seconds: secondsSince(start) / Double(steps), tokensPerStep: B))
+        }
+        for W in beamWidths {
+            limit = W
+            let prompt = (0..<promptTokens).map { Int32(1 + ($0 * 7919) % (c.vocabSize - 1)) }
+            distinct = 0; stepsSeen = 0
+            let start = ContinuousClock.now
+            _ = try beamSearch(model: model, prompt: prompt, options: BeamSearchOptions(width: W, maxNewTokens: steps + 1, stopTokenIds: []))
+            let total = secondsSince(start)
+            // The prompt's prefill is timed apart and taken out.
+            let prefillStart = ContinuousClock.now
+            _ = try model.forward(prompt, cache: model.makeCache(), allLogits: false)
+            let perStep = (total - secondsSince(prefillStart)) / Double(max(1, stepsSeen / c.numHiddenLayers))
+            rows.append(row("beam", W, seconds: perStep, tokensPerStep: W))
+        }
+        bandwidth = max(bandwidth, try measuredBandwidth(pool: pool, gib: memoryGib))
+        for var r in rows {
+            r.rooflineMs = r.bytesPerStep / bandwidth * 1e3
+            r.fraction = r.rooflineMs / r.stepMs
+            r.bandwidthGbps = bandwidth / 1e9
+            try Console.json(r)
+            if !json {
+                Console.out("\(r.kind.padding(6)) \(String(r.size).padding(4)) step \(fixed(r.stepMs, 1)) ms  \(fixed(r.tokensPerSecond, 1)) tok/s  "
+                    + "\(fixed(r.expertsPerLayer, 2)) experts/layer  \(fixed(r.bytesPerStep / 1e9, 2)) GB/step  roofline \(fixed(r.rooflineMs, 1)) ms  fraction \(fixed(r.fraction, 2))\n")
+            }
+        }
+
+        func row(_ kind: String, _ size: Int, seconds: Double, tokensPerStep: Int) -> BatchRow {
+            let perLayer = Double(distinct) / Double(max(1, stepsSeen))
+            let bytes = nonExpertBytes + perLayer * Double(c.numHiddenLayers) * expertBytes
+            return BatchRow(kind: kind, size: size, stepMs: seconds * 1e3, tokensPerSecond: Double(tokensPerStep) / seconds,
+                            expertsPerLayer: perLayer, bytesPerStep: bytes)
+        }
+    }
+
+    struct BatchRow: Encodable {
+        var bench = "batch"
+        var kind: String
+        var size: Int
+        var stepMs: Double
+        var tokensPerSecond: Double
+        var expertsPerLayer: Double
+        var bytesPerStep: Double
+        var rooflineMs = 0.0
+        var fraction = 0.0
+        var bandwidthGbps = 0.0
+        enum CodingKeys: String, CodingKey {
+            case bench, kind, size, fraction
+            case stepMs = "step_ms", tokensPerSecond = "tok_s", expertsPerLayer = "distinct_experts_per_layer"
+            case bytesPerStep = "bytes_per_step", rooflineMs = "roofline_ms", bandwidthGbps = "bandwidth_gbps"
+        }
+    }
+}
