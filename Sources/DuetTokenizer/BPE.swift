@@ -13,7 +13,7 @@ struct BPEModel: Sendable {
     /// stands for (the GPT-2 alphabet undone), so words are never mapped to that alphabet.
     let vocab: ByteMap
     /// (left id << 32 | right id) -> rank << 32 | merged id.
-    let merges: [UInt64: UInt64]
+    let merges: PairTable
     let byteLevel: Bool
     let byteFallback: Bool
     let fuseUnk: Bool
@@ -81,7 +81,7 @@ struct BPEModel: Sendable {
     }
 
     /// Merge rank = position in the list; the merged token must be in the vocabulary.
-    private static func parseMerges(_ list: [(String, String)], ids: [String: Int32], file: String) throws(TokenizerError) -> [UInt64: UInt64] {
+    private static func parseMerges(_ list: [(String, String)], ids: [String: Int32], file: String) throws(TokenizerError) -> PairTable {
         var merges: [UInt64: UInt64] = [:]
         merges.reserveCapacity(list.count)
         for (rank, (left, right)) in list.enumerated() {
@@ -91,7 +91,7 @@ struct BPEModel: Sendable {
             let key = UInt64(UInt32(l)) << 32 | UInt64(UInt32(r))
             if merges[key] == nil { merges[key] = UInt64(rank) << 32 | UInt64(UInt32(m)) }
         }
-        return merges
+        return PairTable(merges)
     }
 
     // MARK: tokenize
@@ -147,29 +147,31 @@ struct BPEModel: Sendable {
 
     @inline(__always)
     private func merge(_ a: Int32, _ b: Int32) -> UInt64? {
-        merges[UInt64(UInt32(a)) << 32 | UInt64(UInt32(b))]
+        merges.lookup(UInt64(UInt32(a)) << 32 | UInt64(UInt32(b)))
     }
 
     /// Applies merges lowest rank first, leftmost first among equal ranks (HF's `Word::merge_all`).
-    private func mergeAll(_ s: inout [Symbol]) {
-        var heap = MinHeap()  // rank << 32 | position
-        for i in 0..<(s.count - 1) {
-            if let m = merge(s[i].id, s[i + 1].id) { heap.push(m & ~0xFFFF_FFFF | UInt64(i)) }
-        }
-        while let top = heap.pop() {
-            let pos = Int(top & 0xFFFF_FFFF), rank = top >> 32
-            guard s[pos].alive, s[pos].next >= 0 else { continue }
-            let right = Int(s[pos].next)
-            guard let m = merge(s[pos].id, s[right].id), m >> 32 == rank else { continue }  // stale entry
-            s[pos].id = Int32(truncatingIfNeeded: m & 0xFFFF_FFFF)
-            s[pos].next = s[right].next
-            s[right].alive = false
-            if s[pos].next >= 0 { s[Int(s[pos].next)].prev = Int32(pos) }
-            if s[pos].prev >= 0, let m = merge(s[Int(s[pos].prev)].id, s[pos].id) {
-                heap.push(m & ~0xFFFF_FFFF | UInt64(s[pos].prev))
+    private func mergeAll(_ symbols: inout [Symbol]) {
+        var heap = MinHeap(capacity: symbols.count)  // rank << 32 | position
+        symbols.withUnsafeMutableBufferPointer { s in
+            for i in 0..<(s.count - 1) {
+                if let m = merge(s[i].id, s[i + 1].id) { heap.push(m & ~0xFFFF_FFFF | UInt64(i)) }
             }
-            if s[pos].next >= 0, let m = merge(s[pos].id, s[Int(s[pos].next)].id) {
-                heap.push(m & ~0xFFFF_FFFF | UInt64(pos))
+            while let top = heap.pop() {
+                let pos = Int(top & 0xFFFF_FFFF), rank = top >> 32
+                guard s[pos].alive, s[pos].next >= 0 else { continue }
+                let right = Int(s[pos].next)
+                guard let m = merge(s[pos].id, s[right].id), m >> 32 == rank else { continue }  // stale entry
+                s[pos].id = Int32(truncatingIfNeeded: m & 0xFFFF_FFFF)
+                s[pos].next = s[right].next
+                s[right].alive = false
+                if s[pos].next >= 0 { s[Int(s[pos].next)].prev = Int32(pos) }
+                if s[pos].prev >= 0, let m = merge(s[Int(s[pos].prev)].id, s[pos].id) {
+                    heap.push(m & ~0xFFFF_FFFF | UInt64(s[pos].prev))
+                }
+                if s[pos].next >= 0, let m = merge(s[pos].id, s[Int(s[pos].next)].id) {
+                    heap.push(m & ~0xFFFF_FFFF | UInt64(pos))
+                }
             }
         }
     }
@@ -179,32 +181,39 @@ struct BPEModel: Sendable {
 struct MinHeap {
     private var a: [UInt64] = []
 
+    init(capacity: Int) { a.reserveCapacity(capacity) }
+
     mutating func push(_ x: UInt64) {
         a.append(x)
-        var i = a.count - 1
-        while i > 0 {
-            let parent = (i - 1) / 2
-            if a[parent] <= a[i] { break }
-            a.swapAt(parent, i)
-            i = parent
+        a.withUnsafeMutableBufferPointer { h in
+            var i = h.count - 1
+            while i > 0 {
+                let parent = (i - 1) / 2
+                if h[parent] <= x { break }
+                h[i] = h[parent]
+                i = parent
+            }
+            h[i] = x
         }
     }
 
     mutating func pop() -> UInt64? {
         guard let top = a.first else { return nil }
         let last = a.removeLast()
-        if !a.isEmpty {
-            a[0] = last
+        if a.isEmpty { return top }
+        a.withUnsafeMutableBufferPointer { h in
             var i = 0
+            let n = h.count
             while true {
-                let l = 2 * i + 1, r = l + 1
-                var m = i
-                if l < a.count && a[l] < a[m] { m = l }
-                if r < a.count && a[r] < a[m] { m = r }
-                if m == i { break }
-                a.swapAt(i, m)
-                i = m
+                let l = 2 * i + 1
+                if l >= n { break }
+                let r = l + 1
+                let c = r < n && h[r] < h[l] ? r : l
+                if h[c] >= last { break }
+                h[i] = h[c]
+                i = c
             }
+            h[i] = last
         }
         return top
     }
@@ -249,4 +258,41 @@ struct BPEModelFile: Decodable {
     let continuing_subword_prefix: String?
     let end_of_word_suffix: String?
     let dropout: Double?
+}
+
+/// An immutable open-addressing hash table UInt64 -> UInt64 for the merge ranks: one
+/// multiply-shift hash and a linear probe per lookup (Swift's Dictionary spends most of a
+/// long word's merge loop hashing with SipHash).
+struct PairTable: Sendable {
+    private var keys: [UInt64]
+    private var values: [UInt64]
+    private let shift: UInt64
+    private static let empty = UInt64.max
+
+    init(_ pairs: [UInt64: UInt64]) {
+        var bits = 4
+        while (1 << bits) < pairs.count * 2 { bits += 1 }
+        keys = [UInt64](repeating: Self.empty, count: 1 << bits)
+        values = [UInt64](repeating: 0, count: 1 << bits)
+        shift = UInt64(64 - bits)
+        let mask = (1 << bits) - 1
+        for (k, v) in pairs {
+            var slot = Int(truncatingIfNeeded: (k &* 0x9E37_79B9_7F4A_7C15) >> shift)
+            while keys[slot] != Self.empty { slot = (slot + 1) & mask }
+            keys[slot] = k
+            values[slot] = v
+        }
+    }
+
+    @inline(__always)
+    func lookup(_ k: UInt64) -> UInt64? {
+        let mask = keys.count - 1
+        var slot = Int(truncatingIfNeeded: (k &* 0x9E37_79B9_7F4A_7C15) >> shift)
+        while true {
+            let key = keys[slot]
+            if key == k { return values[slot] }
+            if key == Self.empty { return nil }
+            slot = (slot + 1) & mask
+        }
+    }
 }
