@@ -91,9 +91,14 @@ public struct CPUKernels: Sendable {
         }
     }
 
-    /// Rows per parallel task: several tasks per thread, a multiple of 32 (AMX tiles).
+    /// Tasks per thread in a parallel matmul: more tasks shorten the tail where some
+    /// threads wait for the last ones (tasks are handed out dynamically).
+    public var tasksPerThread = 4
+
+    /// Rows per parallel task: `tasksPerThread` tasks per thread, a multiple of 32 (AMX tiles).
     func rowBlock(_ rows: Int) -> Int {
-        let perTask = (rows + pool.threadCount * 4 - 1) / (pool.threadCount * 4)
+        let tasks = pool.threadCount * tasksPerThread
+        let perTask = (rows + tasks - 1) / tasks
         return max(32, (perTask + 31) / 32 * 32)
     }
 

@@ -74,6 +74,8 @@ struct BenchKernels: ParsableCommand {
     var minSeconds = 0.3
     @Option(name: .long, help: "GiB for the bandwidth measurement done first.")
     var memoryGib: Double = 4
+    @Option(name: .long, help: "Parallel tasks per thread in each matmul.")
+    var tasksPerThread = 4
     @Flag(name: .long, help: "Print only JSON rows.")
     var json = false
 
@@ -97,7 +99,8 @@ struct BenchKernels: ParsableCommand {
         }
         var rows: [KernelRow] = []
         for path in chosen {
-            let kernels = try CPUKernels(path, pool: pool)
+            var kernels = try CPUKernels(path, pool: pool)
+            kernels.tasksPerThread = tasksPerThread
             let peak = kernels.measuredPeakFlops() ?? peakFlops(kernels, D: D)
             var T = 1
             while T <= maxTokens {
