@@ -25,6 +25,10 @@ CONVERSATIONS = [
      {"role": "user", "content": "<s> special </s> text\n\nwith 'quotes' and \"double\" and {{ braces }}"}],
     [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}],
     [{"role": "system", "content": "only a system message"}],
+    [{"role": "user", "content": "Weather?"},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "id": "c1",
+      "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C", "days": 2}}}]},
+     {"role": "tool", "name": "get_weather", "content": "{\"temp\": 21.5}"}],
 ]
 
 
@@ -57,7 +61,9 @@ def mistral_common_ids(conversation):
 
 def main():
     templates = json.load(open("Tests/Fixtures/chat/templates.json"))
-    out = {"transformers": transformers.__version__, "jinja2": jinja2.__version__, "conversations": CONVERSATIONS, "cases": []}
+    out = {"transformers": transformers.__version__, "jinja2": jinja2.__version__, "conversations": CONVERSATIONS,
+           # The same conversations as JSON text, keys in their original order (for tojson).
+           "conversations_json": [json.dumps(c, ensure_ascii=False) for c in CONVERSATIONS], "cases": []}
     for name, spec in templates.items():
         tok, with_ids = tokenizer_for(name, spec)
         for ci, conversation in enumerate(CONVERSATIONS):

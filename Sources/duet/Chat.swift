@@ -56,18 +56,19 @@ struct Chat: ParsableCommand {
     }
 
     private func renderOnly(_ path: String, _ template: ChatTemplate, _ tokenizer: Tokenizer) throws {
-        let messages: [JSONValue]
-        do {
-            messages = try JSONDecoder().decode([JSONValue].self, from: Data(readSmallFile(path)))
-        } catch let e as CheckpointError {
-            throw CLIError(e.description)
-        } catch {
-            throw CLIError("\(path): expected a JSON array of {\"role\", \"content\"} messages: \(describe(error))")
+        let bytes: [UInt8]
+        do { bytes = try readSmallFile(path) } catch { throw CLIError(error.description) }
+        let rendered = Result { () throws(TemplateError) -> String in
+            try template.render(messagesJSON: bytes, addGenerationPrompt: !noGenerationPrompt)
         }
-        for (i, m) in messages.enumerated() where m["role"]?.string == nil || m["content"] == nil {
-            throw CLIError("\(path): message \(i) needs a string \"role\" and a \"content\"")
+        let prompt: String
+        switch rendered {
+        case .success(let p): prompt = p
+        case .failure(let error):
+            // Errors in the conversation file itself have no template line.
+            if case .syntax(let message, 0) = error { throw CLIError("\(path): \(message)") }
+            throw error
         }
-        let prompt = try template.render(messages: messages, addGenerationPrompt: !noGenerationPrompt)
         if json {
             try Console.json(RenderOutput(prompt: prompt, ids: try tokenizer.encode(prompt, addSpecialTokens: false), template: template.origin))
         } else {

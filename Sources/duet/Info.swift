@@ -30,7 +30,7 @@ struct Info: ParsableCommand {
             lines.append("bytes, \(dtype)".padding(24) + "\(grouped(bytes)) (\(fixed(Double(bytes) / 1_048_576, 1)) MiB)")
         }
         lines.append("files                  \(s.files.count)")
-        lines.append("load time              \(fixed(loadSeconds, 3)) s (headers only; weights stay mmap'ed)")
+        lines.append("load time               \(fixed(loadSeconds, 3)) s " + (s.files.isEmpty ? "(synthetic weights generated in memory)" : "(headers only; weights stay mmap'ed)"))
         Console.out(lines.joined(separator: "\n") + "\n")
     }
 }

@@ -24,6 +24,8 @@ struct ChatGoldens: Decodable {
         var mistralCommonIds: [Int32]? { mistral_common_ids?.array?.compactMap { $0.int.map { Int32($0) } } }
     }
     let conversations: [[JSONValue]]
+    /// The same conversations as JSON text in their original key order.
+    let conversations_json: [String]
     let cases: [Case]
 }
 
@@ -37,9 +39,9 @@ struct ChatGoldens: Decodable {
         for c in Self.goldens.cases {
             let spec = try #require(Self.templates[c.template])
             let template = try ChatTemplate(source: spec.template, origin: c.template, bosToken: spec.bos, eosToken: spec.eos)
-            let messages = Self.goldens.conversations[c.conversation]
+            let messages = Array(Self.goldens.conversations_json[c.conversation].utf8)
             let result = Result { () throws(TemplateError) -> String in
-                try template.render(messages: messages, addGenerationPrompt: c.add_generation_prompt)
+                try template.render(messagesJSON: messages, addGenerationPrompt: c.add_generation_prompt)
             }
             switch result {
             case .success(let prompt):
@@ -50,7 +52,7 @@ struct ChatGoldens: Decodable {
                 if message != c.error { mismatches.append("\(c.template) #\(c.conversation): raised '\(message)', expected \(c.error ?? "a prompt")") }
             }
         }
-        #expect(Self.goldens.cases.count == 96)
+        #expect(Self.goldens.cases.count == 126)
         #expect(mismatches.isEmpty, "\(mismatches.count): \(mismatches.prefix(3))")
     }
 
@@ -84,6 +86,26 @@ struct ChatGoldens: Decodable {
             if ids == reference { agreed += 1 }
         }
         #expect(agreed >= 1)
+    }
+
+    /// Through the unordered JSONValue path, message content still renders identically.
+    @Test func valueMessagesRenderTheSame() throws {
+        let spec = try #require(Self.templates["qwen2-chatml"])
+        let template = try ChatTemplate(source: spec.template, origin: "qwen2", bosToken: spec.bos, eosToken: spec.eos)
+        for (conversation, json) in zip(Self.goldens.conversations, Self.goldens.conversations_json) {
+            #expect(try template.render(messages: conversation, addGenerationPrompt: true)
+                == template.render(messagesJSON: Array(json.utf8), addGenerationPrompt: true))
+        }
+    }
+
+    @Test func malformedConversationsAreNamed() throws {
+        let t = try ChatTemplate(source: "{{ messages | length }}", origin: "t")
+        #expect(throws: TemplateError.syntax("message 0 needs a string \"role\" and a \"content\"", line: 0)) {
+            _ = try t.render(messagesJSON: Array(#"[{"content": "x"}]"#.utf8), addGenerationPrompt: false)
+        }
+        #expect(throws: TemplateError.syntax("JSON at byte 2: expected a key", line: 0)) {
+            _ = try t.render(messagesJSON: Array("[{,".utf8), addGenerationPrompt: false)
+        }
     }
 
     @Test func unsupportedConstructsNameTheLine() {

@@ -28,17 +28,21 @@ public struct ChatTemplate: Sendable {
         program = Unchecked(nodes)
     }
 
-    /// The prompt for `messages` (JSON objects with at least "role" and "content").
-    public func render(messages: [JSONValue], addGenerationPrompt: Bool, tools: JSONValue? = nil,
-                       extra: [String: JSONValue] = [:]) throws(TemplateError) -> String {
+    /// The prompt for `messages` (JSON objects with at least "role" and "content"). Object
+    /// keys are seen sorted (JSONValue keeps no order); see `render(messagesJSON:)` for file order.
+    public func render(messages: [JSONValue], addGenerationPrompt: Bool, tools: JSONValue? = nil) throws(TemplateError) -> String {
+        try render(values: messages.map(TemplateValue.init(json:)), addGenerationPrompt: addGenerationPrompt,
+                   tools: tools.map(TemplateValue.init(json:)))
+    }
+
+    func render(values messages: [TemplateValue], addGenerationPrompt: Bool, tools: TemplateValue?) throws(TemplateError) -> String {
         var globals: [String: TemplateValue] = [
-            "messages": .list(messages.map(TemplateValue.init(json:))),
+            "messages": .list(messages),
             "add_generation_prompt": .bool(addGenerationPrompt),
             "bos_token": .string(bosToken),
             "eos_token": .string(eosToken),
         ]
-        if let tools { globals["tools"] = TemplateValue(json: tools) }
-        for (k, v) in extra { globals[k] = TemplateValue(json: v) }
+        if let tools { globals["tools"] = tools }
         return try Interpreter(globals: globals).render(program.value)
     }
 
