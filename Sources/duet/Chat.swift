@@ -89,7 +89,7 @@ struct Chat: ParsableCommand {
         while true {
             Console.out("> ")
             guard let line = readLine() else { Console.out("\n"); return }
-            if line.trimmingPythonWhitespaceCLI() == "/reset" {
+            if line.trimmingPythonWhitespace() == "/reset" {
                 session.reset()
                 history = system.map { [.object(["role": .string("system"), "content": .string($0)])] } ?? []
                 Console.err("(conversation reset)\n")
@@ -111,11 +111,3 @@ struct Chat: ParsableCommand {
     }
 }
 
-extension String {
-    func trimmingPythonWhitespaceCLI() -> String {
-        var s = Substring(self)
-        while let f = s.first, f.isWhitespace { s = s.dropFirst() }
-        while let l = s.last, l.isWhitespace { s = s.dropLast() }
-        return String(s)
-    }
-}

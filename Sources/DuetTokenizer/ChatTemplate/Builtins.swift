@@ -245,7 +245,7 @@ func pythonTitle(_ s: String) -> String {
 
 extension String {
     /// Python's str.strip() with no argument (Unicode whitespace).
-    func trimmingPythonWhitespace(leading: Bool = true, trailing: Bool = true) -> String {
+    public func trimmingPythonWhitespace(leading: Bool = true, trailing: Bool = true) -> String {
         var scalars = Substring(self).unicodeScalars[...]
         if leading { while let f = scalars.first, f.properties.isWhitespace { scalars = scalars.dropFirst() } }
         if trailing { while let l = scalars.last, l.properties.isWhitespace { scalars = scalars.dropLast() } }
