@@ -22,12 +22,14 @@ let package = Package(
         .target(name: "CDuetKernels"),
         // CPU kernels: matmul over stored-dtype weights, expert FFN, norms, rope, attention, routing.
         .target(name: "DuetCPU", dependencies: ["DuetCore", "CDuetKernels"]),
+        // CUDA through dlopen (driver API, NVRTC): builds without CUDA, uses it where present.
+        .target(name: "DuetCUDA", dependencies: ["DuetCore", "DuetFormats", "DuetCPU"]),
         // One file per model family.
         .target(name: "DuetModels", dependencies: ["DuetCore", "DuetFormats", "DuetCPU"]),
         // KV cache, samplers, the generation loop.
         .target(name: "DuetRuntime", dependencies: ["DuetCore", "DuetModels"]),
         .executableTarget(name: "duet", dependencies: [
-            "DuetRuntime", "DuetModels", "DuetFormats", "DuetTokenizer",
+            "DuetRuntime", "DuetModels", "DuetFormats", "DuetTokenizer", "DuetCUDA",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Fixture paths, temporary directories, error metrics shared by the test targets.
@@ -35,6 +37,7 @@ let package = Package(
         .testTarget(name: "DuetFormatsTests", dependencies: ["DuetFormats", "DuetTestSupport"]),
         .testTarget(name: "DuetTokenizerTests", dependencies: ["DuetTokenizer", "DuetTestSupport"]),
         .testTarget(name: "DuetCPUTests", dependencies: ["DuetCPU", "DuetTestSupport"]),
+        .testTarget(name: "DuetCUDATests", dependencies: ["DuetCUDA"]),
         .testTarget(name: "DuetModelsTests", dependencies: ["DuetModels", "DuetRuntime", "DuetTestSupport"]),
         .testTarget(name: "DuetRuntimeTests", dependencies: ["DuetRuntime", "DuetModels", "DuetTestSupport"]),
     ]

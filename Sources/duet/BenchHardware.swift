@@ -1,5 +1,6 @@
 import ArgumentParser
 import DuetCPU
+import DuetCUDA
 import DuetCore
 import DuetModels
 import DuetRuntime
@@ -242,15 +243,32 @@ struct SelfTest: ParsableCommand {
     @Option(name: .long, help: "CPU threads (default: all cores).")
     var threads: Int?
 
+    @Flag(name: .long, help: "Also check every CUDA op against its CPU op (skipped, with the reason, without a GPU).")
+    var gpu = false
+
     func run() throws {
         let pool = ThreadPool(threads: threads ?? ThreadPool.availableCores)
         Console.out("CPU: \(CPUFeatures.current), \(pool.threadCount) threads\n")
-        let checks = KernelSelfTest.run(pool: pool)
-        for c in checks where !c.passed || checks.count < 200 {
+        var results = KernelSelfTest.run(pool: pool).map { (name: $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed) }
+        var skipped = 0
+        if gpu {
+            switch GPUSelfTest.run() {
+            case .success(let r):
+                Console.out("GPU: \(r.device)\n")
+                results += r.checks.map { (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed) }
+            case .failure(.unavailable(let why)):
+                Console.out("GPU checks skipped: \(why)\n")
+                skipped = 1
+            case .failure(let error):
+                Console.out("FAIL gpu: \(error)\n")
+                results.append((name: "gpu setup", error: 1, tolerance: 0, passed: false))
+            }
+        }
+        for c in results where !c.passed || results.count < 200 {
             Console.out("\(c.passed ? "ok  " : "FAIL") \(c.name): error \(c.error) (tolerance \(c.tolerance))\n")
         }
-        let failed = checks.filter { !$0.passed }.count
-        Console.out("\(checks.count - failed) passed, \(failed) failed\n")
+        let failed = results.filter { !$0.passed }.count
+        Console.out("\(results.count - failed) passed, \(failed) failed" + (skipped > 0 ? ", \(skipped) skipped" : "") + "\n")
         if failed > 0 { throw ExitCode.failure }
     }
 }

@@ -1,0 +1,161 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import DuetFormats
+
+/// Bytes Duet may allocate on the GPU (`--gpu-memory`), tracked by category (weights, KV
+/// cache, workspace): an allocation past the limit is an error the caller handles (keeping
+/// those weights on the CPU), never a crash.
+public final class GPUMemoryBudget: @unchecked Sendable {
+    public let limit: Int
+    public private(set) var used: [String: Int] = [:]
+    public init(limit: Int) { self.limit = limit }
+    public var total: Int { used.values.reduce(0, +) }
+
+    func reserve(_ bytes: Int, _ category: String) throws(CUDAError) {
+        guard total + bytes <= limit else { throw .overBudget(category: category, bytes: bytes, used: total, limit: limit) }
+        used[category, default: 0] += bytes
+    }
+
+    func release(_ bytes: Int, _ category: String) { used[category, default: 0] -= bytes }
+}
+
+/// Device memory, freed (and returned to the budget) when released.
+public final class DeviceBuffer: @unchecked Sendable {
+    let gpu: GPU
+    let pointer: CUdeviceptr
+    public let bytes: Int
+    public let category: String
+
+    init(gpu: GPU, pointer: CUdeviceptr, bytes: Int, category: String) {
+        self.gpu = gpu
+        self.pointer = pointer
+        self.bytes = bytes
+        self.category = category
+    }
+
+    deinit {
+        _ = gpu.driver.cuMemFree(pointer)
+        gpu.budget.release(bytes, category)
+    }
+}
+
+/// One CUDA device with its primary context, an NVRTC compiler with an on-disk CUBIN cache,
+/// and a memory budget.
+public final class GPU: @unchecked Sendable {
+    let driver: CUDADriver
+    let nvrtc: NVRTC
+    public let name: String
+    /// NVRTC target, from the device's compute capability (e.g. "sm_90").
+    public let architecture: String
+    public let driverVersion: Int
+    public let budget: GPUMemoryBudget
+    private var functions: [String: OpaquePointer] = [:]
+    private var modules: [OpaquePointer] = []
+
+    /// Opens device 0. `memoryLimit` nil: the device's free memory at start.
+    public init(memoryLimit: Int? = nil) throws(CUDAError) {
+        driver = try CUDADriver()
+        nvrtc = try NVRTC()
+        try driver.check(driver.cuInit(0), "cuInit")
+        var device: Int32 = 0
+        try driver.check(driver.cuDeviceGet(&device, 0), "cuDeviceGet")
+        var context: OpaquePointer? = nil
+        try driver.check(driver.cuDevicePrimaryCtxRetain(&context, device), "cuDevicePrimaryCtxRetain")
+        try driver.check(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+        var major: Int32 = 0, minor: Int32 = 0, version: Int32 = 0
+        try driver.check(driver.cuDeviceGetAttribute(&major, 75, device), "cuDeviceGetAttribute")  // COMPUTE_CAPABILITY_MAJOR
+        try driver.check(driver.cuDeviceGetAttribute(&minor, 76, device), "cuDeviceGetAttribute")  // COMPUTE_CAPABILITY_MINOR
+        try driver.check(driver.cuDriverGetVersion(&version), "cuDriverGetVersion")
+        var text = [CChar](repeating: 0, count: 256)
+        try driver.check(driver.cuDeviceGetName(&text, 256, device), "cuDeviceGetName")
+        name = String(cString: text)
+        architecture = "sm_\(major)\(minor)"
+        driverVersion = Int(version)
+        var free = 0, total = 0
+        try driver.check(driver.cuMemGetInfo(&free, &total), "cuMemGetInfo")
+        budget = GPUMemoryBudget(limit: min(memoryLimit ?? free, free))
+    }
+
+    // MARK: memory
+
+    public func allocate(_ bytes: Int, category: String) throws(CUDAError) -> DeviceBuffer {
+        try budget.reserve(bytes, category)
+        var p: CUdeviceptr = 0
+        let code = driver.cuMemAlloc(&p, max(bytes, 1))
+        if code != 0 {
+            budget.release(bytes, category)
+            try driver.check(code, "cuMemAlloc (\(bytes >> 20) MiB for \(category))")
+        }
+        return DeviceBuffer(gpu: self, pointer: p, bytes: bytes, category: category)
+    }
+
+    public func upload(_ values: [Float], category: String) throws(CUDAError) -> DeviceBuffer {
+        let b = try allocate(values.count * 4, category: category)
+        let code = values.withUnsafeBytes { driver.cuMemcpyHtoD(b.pointer, $0.baseAddress!, $0.count) }
+        try driver.check(code, "cuMemcpyHtoD")
+        return b
+    }
+
+    public func upload(bytes: UnsafeRawBufferPointer, category: String) throws(CUDAError) -> DeviceBuffer {
+        let b = try allocate(bytes.count, category: category)
+        try driver.check(driver.cuMemcpyHtoD(b.pointer, bytes.baseAddress!, bytes.count), "cuMemcpyHtoD")
+        return b
+    }
+
+    public func download(_ b: DeviceBuffer, count: Int) throws(CUDAError) -> [Float] {
+        var out = [Float](repeating: 0, count: count)
+        let code = out.withUnsafeMutableBytes { driver.cuMemcpyDtoH($0.baseAddress!, b.pointer, $0.count) }
+        try driver.check(code, "cuMemcpyDtoH")
+        return out
+    }
+
+    // MARK: kernels
+
+    /// Function `name` of `source`, compiled once per (source, architecture, driver) and
+    /// cached on disk (~/.cache/duet/kernels) so later starts load the CUBIN directly.
+    public func function(_ name: String, in source: String) throws(CUDAError) -> OpaquePointer {
+        if let f = functions[name] { return f }
+        let cubin = try cachedCubin(source, kernel: name)
+        var module: OpaquePointer? = nil
+        let code = cubin.withUnsafeBytes { driver.cuModuleLoadData(&module, $0.baseAddress!) }
+        try driver.check(code, "cuModuleLoadData(\(name))")
+        modules.append(module!)
+        var f: OpaquePointer? = nil
+        try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
+        functions[name] = f
+        return f!
+    }
+
+    /// Whether the last `function` call found its CUBIN in the disk cache.
+    public private(set) var lastCompileWasCached = false
+
+    private func cachedCubin(_ source: String, kernel: String) throws(CUDAError) -> [UInt8] {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in (source + architecture + String(driverVersion)).utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        let home = getenv("XDG_CACHE_HOME").map { String(cString: $0) } ?? (getenv("HOME").map { String(cString: $0) + "/.cache" } ?? "/tmp")
+        let dir = home + "/duet/kernels"
+        let path = dir + "/\(kernel)-\(architecture)-\(driverVersion)-\(String(h, radix: 16)).cubin"
+        if let bytes = try? readSmallFile(path), !bytes.isEmpty {
+            lastCompileWasCached = true
+            return bytes
+        }
+        lastCompileWasCached = false
+        let cubin = try nvrtc.compile(source, kernel: kernel, arch: architecture)
+        _ = mkdir(home + "/duet", 0o755)
+        _ = mkdir(dir, 0o755)
+        try? writeFile(cubin, to: path)
+        return cubin
+    }
+
+    /// Launches `function` with arguments given as pointers to their values.
+    public func launch(_ function: OpaquePointer, grid: (UInt32, UInt32, UInt32), block: (UInt32, UInt32, UInt32),
+                       sharedBytes: UInt32 = 0, arguments: [UnsafeMutableRawPointer?]) throws(CUDAError) {
+        var args = arguments
+        try driver.check(args.withUnsafeMutableBufferPointer {
+            driver.cuLaunchKernel(function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, nil, $0.baseAddress, nil)
+        }, "cuLaunchKernel")
+    }
+
+    public func synchronize() throws(CUDAError) { try driver.check(driver.cuCtxSynchronize(), "cuCtxSynchronize") }
+}

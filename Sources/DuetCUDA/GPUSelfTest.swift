@@ -1,0 +1,68 @@
+import DuetCore
+import DuetCPU
+
+/// `duet selftest --gpu`: every CUDA op against its CPU op on random inputs at odd sizes.
+/// Without a GPU the checks report that they were skipped.
+public enum GPUSelfTest {
+    public struct Check: Sendable {
+        public var name: String
+        public var error: Double
+        public var tolerance: Double
+        public var passed: Bool { error < tolerance }
+    }
+
+    /// The checks, or the reason there is no GPU to check.
+    public static func run(memoryLimit: Int? = nil) -> Result<(device: String, checks: [Check]), CUDAError> {
+        do throws(CUDAError) {
+            let gpu = try GPU(memoryLimit: memoryLimit)
+            let ops = GPUOps(gpu: gpu)
+            var checks: [Check] = []
+            let cpu = CPUKernels.reference()
+            for (T, D) in [(1, 4096), (3, 1000), (17, 96)] {
+                let x = KernelSelfTest.random(T * D, seed: UInt64(T * 13 + D)), w = KernelSelfTest.random(D, seed: 7).map { 1 + 0.1 * $0 }
+                var reference = [Float](repeating: 0, count: T * D)
+                rmsNorm(x, weight: w, eps: 1e-5, &reference, tokens: T)
+                let gx = try gpu.upload(x, category: "workspace"), gw = try gpu.upload(w, category: "workspace")
+                let gy = try gpu.allocate(T * D * 4, category: "workspace")
+                try ops.rmsNorm(gx, weight: gw, gy, tokens: T, dim: D, eps: 1e-5)
+                checks.append(Check(name: "rms_norm T=\(T) D=\(D)", error: relativeError(try gpu.download(gy, count: T * D), reference), tolerance: 1e-5))
+            }
+            for n in [1, 1000, 70001] {
+                let g = KernelSelfTest.random(n, seed: 3).map { $0 * 6 }, u = KernelSelfTest.random(n, seed: 4)
+                var reference = g
+                reference.withUnsafeMutableBufferPointer { siluMultiply($0.baseAddress!, u, count: n) }
+                let gg = try gpu.upload(g, category: "workspace"), gu = try gpu.upload(u, category: "workspace")
+                try ops.siluMultiply(gg, gu, count: n)
+                checks.append(Check(name: "silu_mul n=\(n)", error: relativeError(try gpu.download(gg, count: n), reference), tolerance: 1e-5))
+            }
+            for (N, K, T) in [(83, 101, 1), (1000, 4096, 3), (4096, 1408, 8), (77, 64, 19)] {
+                let values = KernelSelfTest.random(N * K, seed: UInt64(N + K)).map(floatToBF16)
+                let x = KernelSelfTest.random(T * K, seed: UInt64(T))
+                let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: N * K * 2, alignment: 64)
+                defer { raw.deallocate() }
+                values.withUnsafeBytes { raw.copyMemory(from: $0) }
+                var reference = [Float](repeating: 0, count: T * N)
+                let w = WeightMatrix(TensorView(name: "w", dtype: .bf16, shape: [N, K], base: UnsafeRawPointer(raw.baseAddress!), owner: nil))
+                cpu.matmul(x, w, &reference, tokens: T)
+                let gw = try gpu.upload(bytes: UnsafeRawBufferPointer(raw), category: "weights"), gx = try gpu.upload(x, category: "workspace")
+                let gy = try gpu.allocate(T * N * 4, category: "workspace")
+                try ops.matmulBF16(gx, gw, gy, rows: N, cols: K, tokens: T)
+                checks.append(Check(name: "gemv_bf16 N=\(N) K=\(K) T=\(T)", error: relativeError(try gpu.download(gy, count: T * N), reference), tolerance: 1e-5))
+            }
+            // The budget refuses what it cannot hold, with an error, not a crash.
+            let small = try GPU(memoryLimit: 1 << 20)
+            let refused = (try? small.allocate(2 << 20, category: "weights")) == nil
+            checks.append(Check(name: "budget refuses 2 MiB of a 1 MiB budget", error: refused ? 0 : 1, tolerance: 0.5))
+            try gpu.synchronize()
+            return .success(("\(gpu.name) (\(gpu.architecture), driver \(gpu.driverVersion))", checks))
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    private static func relativeError(_ a: [Float], _ b: [Float]) -> Double {
+        var num = 0.0, den = 0.0
+        for i in a.indices { let d = Double(a[i]) - Double(b[i]); num += d * d; den += Double(b[i]) * Double(b[i]) }
+        return (num / max(den, 1e-300)).squareRoot()
+    }
+}

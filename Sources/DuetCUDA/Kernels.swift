@@ -1,0 +1,101 @@
+/// CUDA C kernels, kept as Swift strings so a copied binary carries them; compiled by NVRTC
+/// for the device at first use.
+enum KernelSource {
+    static let common = """
+    extern "C" {
+    __device__ __forceinline__ float bf16_to_float(unsigned short b) { return __uint_as_float(((unsigned int)b) << 16); }
+    __device__ __forceinline__ float warp_sum(float v) {
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        return v;
+    }
+
+    // y[t, :] = w * x[t, :] / sqrt(mean(x[t, :]^2) + eps). One block of 256 threads per row.
+    __global__ void rms_norm(const float* x, const float* w, float* y, int D, float eps) {
+        const float* row = x + (long)blockIdx.x * D;
+        float s = 0.f;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) s += row[i] * row[i];
+        __shared__ float part[8];
+        s = warp_sum(s);
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+            v = warp_sum(v);
+            if (threadIdx.x == 0) part[0] = v;
+        }
+        __syncthreads();
+        float scale = rsqrtf(part[0] / D + eps);
+        for (int i = threadIdx.x; i < D; i += blockDim.x) y[(long)blockIdx.x * D + i] = w[i] * (row[i] * scale);
+    }
+
+    // g[i] = silu(g[i]) * u[i].
+    __global__ void silu_mul(float* g, const float* u, int n) {
+        int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i < n) { float v = g[i]; g[i] = v / (1.f + __expf(-v)) * u[i]; }
+    }
+
+    // y[t, n] = sum_k W[n, k] * x[t, k], W bf16 [N, K], x fp32 [T, K]. One warp per output row,
+    // every token of the row in the same warp (the weights are read once for all T <= 8).
+    __global__ void gemv_bf16(const unsigned short* W, const float* x, float* y, int N, int K, int T) {
+        int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+        int lane = threadIdx.x & 31;
+        if (n >= N) return;
+        const unsigned short* row = W + (long)n * K;
+        for (int t0 = 0; t0 < T; t0 += 8) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int tt = T - t0 < 8 ? T - t0 : 8;
+            for (int k = lane; k < K; k += 32) {
+                float w = bf16_to_float(row[k]);
+                for (int j = 0; j < tt; j++) acc[j] += w * x[(long)(t0 + j) * K + k];
+            }
+            for (int j = 0; j < tt; j++) {
+                float v = warp_sum(acc[j]);
+                if (lane == 0) y[(long)(t0 + j) * N + n] = v;
+            }
+        }
+    }
+    }
+    """
+}
+
+/// Packs kernel arguments: each value in its own small allocation, as cuLaunchKernel wants.
+final class KernelArguments {
+    private(set) var pointers: [UnsafeMutableRawPointer?] = []
+    func add<T>(_ value: T) {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: MemoryLayout<T>.size, alignment: MemoryLayout<T>.alignment)
+        p.storeBytes(of: value, as: T.self)
+        pointers.append(p)
+    }
+    func add(_ buffer: DeviceBuffer) { add(buffer.pointer) }
+    deinit { for p in pointers { p?.deallocate() } }
+}
+
+/// The CUDA ops, each the same computation as its CPU twin in DuetCPU.
+public struct GPUOps {
+    public let gpu: GPU
+    public init(gpu: GPU) { self.gpu = gpu }
+
+    /// y `[T, D]` = RMSNorm(x `[T, D]`) with weight `[D]`.
+    public func rmsNorm(_ x: DeviceBuffer, weight: DeviceBuffer, _ y: DeviceBuffer, tokens T: Int, dim D: Int, eps: Float) throws(CUDAError) {
+        let f = try gpu.function("rms_norm", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(x); a.add(weight); a.add(y); a.add(Int32(D)); a.add(eps)
+        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// g = silu(g) * u, n elements.
+    public func siluMultiply(_ g: DeviceBuffer, _ u: DeviceBuffer, count n: Int) throws(CUDAError) {
+        let f = try gpu.function("silu_mul", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(g); a.add(u); a.add(Int32(n))
+        try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// y `[T, N]` = x `[T, K]` @ W^T, W bf16 `[N, K]`.
+    public func matmulBF16(_ x: DeviceBuffer, _ w: DeviceBuffer, _ y: DeviceBuffer, rows N: Int, cols K: Int, tokens T: Int) throws(CUDAError) {
+        let f = try gpu.function("gemv_bf16", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(w); a.add(x); a.add(y); a.add(Int32(N)); a.add(Int32(K)); a.add(Int32(T))
+        try gpu.launch(f, grid: (UInt32((N + 7) / 8), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+}
