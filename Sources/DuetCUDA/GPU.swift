@@ -51,7 +51,7 @@ public final class GPU: @unchecked Sendable {
     public let driverVersion: Int
     public let budget: GPUMemoryBudget
     private var functions: [String: OpaquePointer] = [:]
-    private var modules: [OpaquePointer] = []
+    private var modules: [UInt64: OpaquePointer] = [:]  // by source hash
 
     /// Opens device 0. `memoryLimit` nil: the device's free memory at start.
     public init(memoryLimit: Int? = nil) throws(CUDAError) {
@@ -97,6 +97,14 @@ public final class GPU: @unchecked Sendable {
         return b
     }
 
+    /// An array of plain values (bf16 bits, ids) copied to the device.
+    public func upload<T: BitwiseCopyable>(array: [T], category: String) throws(CUDAError) -> DeviceBuffer {
+        let b = try allocate(array.count * MemoryLayout<T>.stride, category: category)
+        let code = array.withUnsafeBytes { driver.cuMemcpyHtoD(b.pointer, $0.baseAddress!, $0.count) }
+        try driver.check(code, "cuMemcpyHtoD")
+        return b
+    }
+
     public func upload(bytes: UnsafeRawBufferPointer, category: String) throws(CUDAError) -> DeviceBuffer {
         let b = try allocate(bytes.count, category: category)
         try driver.check(driver.cuMemcpyHtoD(b.pointer, bytes.baseAddress!, bytes.count), "cuMemcpyHtoD")
@@ -116,11 +124,14 @@ public final class GPU: @unchecked Sendable {
     /// cached on disk (~/.cache/duet/kernels) so later starts load the CUBIN directly.
     public func function(_ name: String, in source: String) throws(CUDAError) -> OpaquePointer {
         if let f = functions[name] { return f }
-        let cubin = try cachedCubin(source, kernel: name)
-        var module: OpaquePointer? = nil
-        let code = cubin.withUnsafeBytes { driver.cuModuleLoadData(&module, $0.baseAddress!) }
-        try driver.check(code, "cuModuleLoadData(\(name))")
-        modules.append(module!)
+        let key = sourceHash(source)
+        var module = modules[key]
+        if module == nil {
+            let cubin = try cachedCubin(source, key: key, kernel: name)
+            let code = cubin.withUnsafeBytes { driver.cuModuleLoadData(&module, $0.baseAddress!) }
+            try driver.check(code, "cuModuleLoadData(\(name))")
+            modules[key] = module
+        }
         var f: OpaquePointer? = nil
         try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
         functions[name] = f
@@ -130,12 +141,17 @@ public final class GPU: @unchecked Sendable {
     /// Whether the last `function` call found its CUBIN in the disk cache.
     public private(set) var lastCompileWasCached = false
 
-    private func cachedCubin(_ source: String, kernel: String) throws(CUDAError) -> [UInt8] {
+    private func sourceHash(_ source: String) -> UInt64 {
         var h: UInt64 = 0xCBF2_9CE4_8422_2325
         for b in (source + architecture + String(driverVersion)).utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        return h
+    }
+
+    /// One CUBIN per source (a module holds all its kernels); `kernel` names it in errors.
+    private func cachedCubin(_ source: String, key h: UInt64, kernel: String) throws(CUDAError) -> [UInt8] {
         let home = getenv("XDG_CACHE_HOME").map { String(cString: $0) } ?? (getenv("HOME").map { String(cString: $0) + "/.cache" } ?? "/tmp")
         let dir = home + "/duet/kernels"
-        let path = dir + "/\(kernel)-\(architecture)-\(driverVersion)-\(String(h, radix: 16)).cubin"
+        let path = dir + "/duet-\(architecture)-\(driverVersion)-\(String(h, radix: 16)).cubin"
         if let bytes = try? readSmallFile(path), !bytes.isEmpty {
             lastCompileWasCached = true
             return bytes

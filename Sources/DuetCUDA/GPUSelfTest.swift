@@ -49,12 +49,23 @@ public enum GPUSelfTest {
                 try ops.matmulBF16(gx, gw, gy, rows: N, cols: K, tokens: T)
                 checks.append(Check(name: "gemv_bf16 N=\(N) K=\(K) T=\(T)", error: relativeError(try gpu.download(gy, count: T * N), reference), tolerance: 1e-5))
             }
+            for (V, D, T) in [(640, 96, 5), (32000, 4096, 3)] {
+                let table = KernelSelfTest.random(V * D, seed: 9).map(floatToBF16)
+                let ids: [Int32] = (0..<T).map { Int32(($0 * 7919 + 11) % V) }
+                var reference = [Float](repeating: 0, count: T * D)
+                for (t, id) in ids.enumerated() { for i in 0..<D { reference[t * D + i] = bf16ToFloat(table[Int(id) * D + i]) } }
+                let gt = try gpu.upload(array: table, category: "weights"), gi = try gpu.upload(array: ids, category: "workspace")
+                let gy = try gpu.allocate(T * D * 4, category: "workspace")
+                try ops.embedBF16(gt, ids: gi, gy, tokens: T, dim: D)
+                checks.append(Check(name: "embed_bf16 V=\(V) D=\(D) T=\(T)", error: relativeError(try gpu.download(gy, count: T * D), reference), tolerance: 1e-7))
+            }
             // The budget refuses what it cannot hold, with an error, not a crash.
             let small = try GPU(memoryLimit: 1 << 20)
             let refused = (try? small.allocate(2 << 20, category: "weights")) == nil
             checks.append(Check(name: "budget refuses 2 MiB of a 1 MiB budget", error: refused ? 0 : 1, tolerance: 0.5))
             try gpu.synchronize()
-            return .success(("\(gpu.name) (\(gpu.architecture), driver \(gpu.driverVersion))", checks))
+            let hbm = try ops.readBandwidth(bytes: 4 << 30)
+            return .success(("\(gpu.name) (\(gpu.architecture), driver \(gpu.driverVersion)), read-only kernel over 4 GiB: \(Int(hbm / 1e9)) GB/s", checks))
         } catch {
             return .failure(error)
         }

@@ -34,6 +34,24 @@ enum KernelSource {
         if (i < n) { float v = g[i]; g[i] = v / (1.f + __expf(-v)) * u[i]; }
     }
 
+    // Reads n float4s and writes one value per block so nothing can be skipped: the HBM
+    // read ceiling (bytes read only).
+    __global__ void read_bandwidth(const float4* p, long n, float* sink) {
+        float s = 0.f;
+        for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+            float4 v = p[i];
+            s += v.x + v.y + v.z + v.w;
+        }
+        s = warp_sum(s);
+        if ((threadIdx.x & 31) == 0 && s == 12345.678f) sink[0] = s;  // practically never taken
+    }
+
+    // y[t, :] = table[ids[t], :] (bf16 rows widened to fp32).
+    __global__ void embed_bf16(const unsigned short* table, const int* ids, float* y, int D) {
+        const unsigned short* row = table + (long)ids[blockIdx.x] * D;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) y[(long)blockIdx.x * D + i] = bf16_to_float(row[i]);
+    }
+
     // y[t, n] = sum_k W[n, k] * x[t, k], W bf16 [N, K], x fp32 [T, K]. One warp per output row,
     // every token of the row in the same warp (the weights are read once for all T <= 8).
     __global__ void gemv_bf16(const unsigned short* W, const float* x, float* y, int N, int K, int T) {
@@ -89,6 +107,31 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(g); a.add(u); a.add(Int32(n))
         try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// Rows `ids` of a bf16 table `[V, D]` into y `[T, D]` fp32.
+    public func embedBF16(_ table: DeviceBuffer, ids: DeviceBuffer, _ y: DeviceBuffer, tokens T: Int, dim D: Int) throws(CUDAError) {
+        let f = try gpu.function("embed_bf16", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(table); a.add(ids); a.add(y); a.add(Int32(D))
+        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// Bytes per second a read-only kernel streams from `bytes` of device memory (best of `repeats`).
+    public func readBandwidth(bytes: Int, repeats: Int = 5) throws(CUDAError) -> Double {
+        let f = try gpu.function("read_bandwidth", in: KernelSource.common)
+        let buffer = try gpu.allocate(bytes, category: "workspace"), sink = try gpu.allocate(4, category: "workspace")
+        let a = KernelArguments()
+        a.add(buffer); a.add(Int64(bytes / 16)); a.add(sink)
+        var best = Double.infinity
+        for _ in 0...repeats {  // the first pass warms up
+            let start = ContinuousClock.now
+            try gpu.launch(f, grid: (132 * 8, 1, 1), block: (512, 1, 1), arguments: a.pointers)
+            try gpu.synchronize()
+            let d = ContinuousClock.now - start
+            best = min(best, Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18)
+        }
+        return Double(bytes / 16 * 16) / best
     }
 
     /// y `[T, N]` = x `[T, K]` @ W^T, W bf16 `[N, K]`.
