@@ -117,7 +117,7 @@ final class NVRTC: @unchecked Sendable {
         var program: OpaquePointer? = nil
         guard create(&program, source, kernel + ".cu", 0, nil, nil) == 0 else { throw .compile(kernel: kernel, log: "nvrtcCreateProgram failed") }
         defer { _ = destroy(&program) }
-        let options = ["--gpu-architecture=\(arch)", "-std=c++17", "--use_fast_math"]
+        let options = ["--gpu-architecture=\(arch)", "-std=c++17"]  // no fast math: rope needs precise sin/cos at large angles
         let cOptions = options.map { strdup($0) }
         defer { cOptions.forEach { free($0) } }
         let status = cOptions.map { UnsafePointer<CChar>($0) }.withUnsafeBufferPointer { compile(program, Int32($0.count), $0.baseAddress) }

@@ -59,6 +59,21 @@ public enum GPUSelfTest {
                 try ops.embedBF16(gt, ids: gi, gy, tokens: T, dim: D)
                 checks.append(Check(name: "embed_bf16 V=\(V) D=\(D) T=\(T)", error: relativeError(try gpu.download(gy, count: T * D), reference), tolerance: 1e-7))
             }
+            for (T, H, d, start) in [(1, 32, 128, 700), (5, 4, 24, 0), (13, 4, 32, 3)] {
+                let x = KernelSelfTest.random(T * H * d, seed: UInt64(T + d))
+                let rope = Rope(headDim: d, theta: 1e6)
+                var reference = x
+                rope.apply(&reference, heads: H, positions: start..<(start + T))
+                let gx = try gpu.upload(x, category: "workspace"), gf = try gpu.upload(rope.inverseFrequencies, category: "workspace")
+                try ops.rope(gx, inverseFrequencies: gf, tokens: T, heads: H, headDim: d, start: start)
+                checks.append(Check(name: "rope T=\(T) heads=\(H) d=\(d) start=\(start)", error: relativeError(try gpu.download(gx, count: T * H * d), reference), tolerance: 1e-5))
+            }
+            for n in [1, 4099] {
+                let x = KernelSelfTest.random(n, seed: 21), y = KernelSelfTest.random(n, seed: 22)
+                let gx = try gpu.upload(x, category: "workspace"), gy = try gpu.upload(y, category: "workspace")
+                try ops.add(gx, gy, count: n)
+                checks.append(Check(name: "add n=\(n)", error: relativeError(try gpu.download(gx, count: n), zip(x, y).map { $0 + $1 }), tolerance: 1e-7))
+            }
             // The budget refuses what it cannot hold, with an error, not a crash.
             let small = try GPU(memoryLimit: 1 << 20)
             let refused = (try? small.allocate(2 << 20, category: "weights")) == nil

@@ -52,6 +52,26 @@ enum KernelSource {
         for (int i = threadIdx.x; i < D; i += blockDim.x) y[(long)blockIdx.x * D + i] = bf16_to_float(row[i]);
     }
 
+    // Rotary embedding, HF rotate-half: x [T, heads, d], token t at position start + t.
+    // inv_freq [d/2] is computed on the host (as the CPU path) so both use the same values.
+    __global__ void rope(float* x, const float* inv_freq, int heads, int d, int start) {
+        int t = blockIdx.x, h = blockIdx.y, half = d >> 1;
+        float* v = x + ((long)t * heads + h) * d;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            float angle = (float)(start + t) * inv_freq[i];
+            float c = cosf(angle), s = sinf(angle);
+            float a = v[i], b = v[i + half];
+            v[i] = a * c - b * s;
+            v[i + half] = b * c + a * s;
+        }
+    }
+
+    // x[i] += y[i].
+    __global__ void add_inplace(float* x, const float* y, long n) {
+        long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+        if (i < n) x[i] += y[i];
+    }
+
     // y[t, n] = sum_k W[n, k] * x[t, k], W bf16 [N, K], x fp32 [T, K]. One warp per output row,
     // every token of the row in the same warp (the weights are read once for all T <= 8).
     __global__ void gemv_bf16(const unsigned short* W, const float* x, float* y, int N, int K, int T) {
@@ -106,6 +126,22 @@ public struct GPUOps {
         let f = try gpu.function("silu_mul", in: KernelSource.common)
         let a = KernelArguments()
         a.add(g); a.add(u); a.add(Int32(n))
+        try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// Rotates x `[T, heads, d]` in place at positions `start..<start+T`.
+    public func rope(_ x: DeviceBuffer, inverseFrequencies: DeviceBuffer, tokens T: Int, heads: Int, headDim d: Int, start: Int) throws(CUDAError) {
+        let f = try gpu.function("rope", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(x); a.add(inverseFrequencies); a.add(Int32(heads)); a.add(Int32(d)); a.add(Int32(start))
+        try gpu.launch(f, grid: (UInt32(T), UInt32(heads), 1), block: (64, 1, 1), arguments: a.pointers)
+    }
+
+    /// x += y, n elements.
+    public func add(_ x: DeviceBuffer, _ y: DeviceBuffer, count n: Int) throws(CUDAError) {
+        let f = try gpu.function("add_inplace", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(x); a.add(y); a.add(Int64(n))
         try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
     }
 
