@@ -112,12 +112,16 @@ final class NVRTC: @unchecked Sendable {
         destroy = try sym("nvrtcDestroyProgram", type(of: destroy))
     }
 
+    /// Compiler options (part of the kernel cache key). No fast math: rope needs precise
+    /// sin/cos at large angles.
+    static func options(_ arch: String) -> [String] { ["--gpu-architecture=\(arch)", "-std=c++17"] }
+
     /// CUBIN of `source` for `arch` (e.g. "sm_90"); the log on failure, named after `kernel`.
     func compile(_ source: String, kernel: String, arch: String) throws(CUDAError) -> [UInt8] {
         var program: OpaquePointer? = nil
         guard create(&program, source, kernel + ".cu", 0, nil, nil) == 0 else { throw .compile(kernel: kernel, log: "nvrtcCreateProgram failed") }
         defer { _ = destroy(&program) }
-        let options = ["--gpu-architecture=\(arch)", "-std=c++17"]  // no fast math: rope needs precise sin/cos at large angles
+        let options = Self.options(arch)
         let cOptions = options.map { strdup($0) }
         defer { cOptions.forEach { free($0) } }
         let status = cOptions.map { UnsafePointer<CChar>($0) }.withUnsafeBufferPointer { compile(program, Int32($0.count), $0.baseAddress) }

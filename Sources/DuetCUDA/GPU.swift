@@ -120,7 +120,7 @@ public final class GPU: @unchecked Sendable {
 
     // MARK: kernels
 
-    /// Function `name` of `source`, compiled once per (source, architecture, driver) and
+    /// Function `name` of `source`, compiled once per (source, options, architecture, driver) and
     /// cached on disk (~/.cache/duet/kernels) so later starts load the CUBIN directly.
     public func function(_ name: String, in source: String) throws(CUDAError) -> OpaquePointer {
         if let f = functions[name] { return f }
@@ -143,7 +143,9 @@ public final class GPU: @unchecked Sendable {
 
     private func sourceHash(_ source: String) -> UInt64 {
         var h: UInt64 = 0xCBF2_9CE4_8422_2325
-        for b in (source + architecture + String(driverVersion)).utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        for b in (source + architecture + String(driverVersion) + NVRTC.options(architecture).joined()).utf8 {
+            h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3
+        }
         return h
     }
 
