@@ -111,6 +111,14 @@ public final class GPU: @unchecked Sendable {
         return b
     }
 
+    /// Plain values (ids) back from the device.
+    public func download<T: BitwiseCopyable>(_ b: DeviceBuffer, count: Int, as: T.Type, zero: T) throws(CUDAError) -> [T] {
+        var out = [T](repeating: zero, count: count)
+        let code = out.withUnsafeMutableBytes { driver.cuMemcpyDtoH($0.baseAddress!, b.pointer, $0.count) }
+        try driver.check(code, "cuMemcpyDtoH")
+        return out
+    }
+
     public func download(_ b: DeviceBuffer, count: Int) throws(CUDAError) -> [Float] {
         var out = [Float](repeating: 0, count: count)
         let code = out.withUnsafeMutableBytes { driver.cuMemcpyDtoH($0.baseAddress!, b.pointer, $0.count) }

@@ -74,6 +74,34 @@ public enum GPUSelfTest {
                 try ops.add(gx, gy, count: n)
                 checks.append(Check(name: "add n=\(n)", error: relativeError(try gpu.download(gx, count: n), zip(x, y).map { $0 + $1 }), tolerance: 1e-7))
             }
+            for (T, start, H, Hkv, d, window) in [(1, 40, 32, 8, 128, nil), (7, 0, 4, 2, 24, nil), (5, 11, 4, 2, 32, 8 as Int?)] {
+                let P = start + T
+                let q = KernelSelfTest.random(T * H * d, seed: 31), k = KernelSelfTest.random(P * Hkv * d, seed: 32)
+                let v = KernelSelfTest.random(P * Hkv * d, seed: 33)
+                var reference = [Float](repeating: 0, count: T * H * d)
+                k.withUnsafeBufferPointer { kp in
+                    v.withUnsafeBufferPointer { vp in
+                        DuetCPU.attention(queries: q, keys: KVRows(contiguous: kp.baseAddress!, rowWidth: Hkv * d),
+                                          values: KVRows(contiguous: vp.baseAddress!, rowWidth: Hkv * d), out: &reference,
+                                          tokens: T, start: start, heads: H, kvHeads: Hkv, headDim: d, window: window, pool: cpu.pool)
+                    }
+                }
+                let gq = try gpu.upload(q, category: "workspace"), gk = try gpu.upload(k, category: "kv"), gv = try gpu.upload(v, category: "kv")
+                let go = try gpu.allocate(T * H * d * 4, category: "workspace")
+                try ops.attention(queries: gq, keys: gk, values: gv, out: go, tokens: T, start: start, heads: H, kvHeads: Hkv, headDim: d, window: window)
+                checks.append(Check(name: "attention T=\(T) start=\(start) H=\(H)/\(Hkv) d=\(d) window=\(window.map(String.init) ?? "-")",
+                                    error: relativeError(try gpu.download(go, count: T * H * d), reference), tolerance: 1e-5))
+            }
+            for (T, E, k) in [(1, 8, 2), (37, 8, 2), (5, 64, 6)] {
+                let logits = KernelSelfTest.random(T * E, seed: UInt64(E + k)).map { $0 * 4 }
+                let reference = DuetCPU.routeTopK(logits, tokens: T, experts: E, k: k)
+                let gl = try gpu.upload(logits, category: "workspace")
+                let ge = try gpu.allocate(T * k * 4, category: "workspace"), gw = try gpu.allocate(T * k * 4, category: "workspace")
+                try ops.routeTopK(gl, experts: ge, weights: gw, tokens: T, experts: E, k: k)
+                let ids = try gpu.download(ge, count: T * k, as: Int32.self, zero: 0), weights = try gpu.download(gw, count: T * k)
+                let sameIds = ids.map(Int.init) == reference.flatMap(\.experts)
+                checks.append(Check(name: "route_topk T=\(T) E=\(E) k=\(k)", error: sameIds ? relativeError(weights, reference.flatMap(\.weights)) : 1, tolerance: 1e-6))
+            }
             // The budget refuses what it cannot hold, with an error, not a crash.
             let small = try GPU(memoryLimit: 1 << 20)
             let refused = (try? small.allocate(2 << 20, category: "weights")) == nil

@@ -66,6 +66,70 @@ enum KernelSource {
         }
     }
 
+    // Causal GQA attention of T queries at positions start..start+T-1 over a contiguous cache
+    // keys/values [positions, Hkv, d]; query t attends to max(0, p - window + 1) .. p
+    // (window <= 0: no window). One block per (t, h); scores in dynamic shared memory.
+    __global__ void attention(const float* q, const float* keys, const float* values, float* out,
+                              int start, int H, int Hkv, int d, int window) {
+        extern __shared__ float scores[];
+        __shared__ float red[32];
+        int t = blockIdx.x, h = blockIdx.y, p = start + t, kvh = h / (H / Hkv);
+        int first = window > 0 ? max(0, p - window + 1) : 0, n = p - first + 1;
+        const float* qv = q + ((long)t * H + h) * d;
+        float scale = rsqrtf((float)d);
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const float* k = keys + ((long)(first + j) * Hkv + kvh) * d;
+            float s = 0.f;
+            for (int i = 0; i < d; i++) s += qv[i] * k[i];
+            scores[j] = s * scale;
+        }
+        __syncthreads();
+        float m = __int_as_float(0xff800000);
+        for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+        __syncthreads();
+        m = __int_as_float(0xff800000);
+        for (int w = 0; w < (blockDim.x >> 5); w++) m = fmaxf(m, red[w]);
+        __syncthreads();
+        float total = 0.f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; total += e; }
+        total = warp_sum(total);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = total;
+        __syncthreads();
+        total = 0.f;
+        for (int w = 0; w < (blockDim.x >> 5); w++) total += red[w];
+        float* o = out + ((long)t * H + h) * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            float acc = 0.f;
+            for (int j = 0; j < n; j++) acc += scores[j] * values[((long)(first + j) * Hkv + kvh) * d + i];
+            o[i] = acc / total;
+        }
+    }
+
+    // Router: softmax over E logits per token, top-k (ties to the lower id), renormalised
+    // weights. One thread per token (E is small).
+    __global__ void route_topk(const float* logits, int* experts, float* weights, int T, int E, int k) {
+        int t = blockIdx.x * blockDim.x + threadIdx.x;
+        if (t >= T) return;
+        const float* l = logits + (long)t * E;
+        float m = __int_as_float(0xff800000);
+        for (int e = 0; e < E; e++) m = fmaxf(m, l[e]);
+        float z = 0.f;
+        for (int e = 0; e < E; e++) z += expf(l[e] - m);
+        unsigned long long taken = 0ull;
+        float kept = 0.f;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) if (!((taken >> e) & 1ull) && (best < 0 || l[e] > l[best])) best = e;
+            taken |= 1ull << best;
+            experts[t * k + j] = best;
+            weights[t * k + j] = expf(l[best] - m) / z;
+            kept += weights[t * k + j];
+        }
+        for (int j = 0; j < k; j++) weights[t * k + j] /= kept;
+    }
+
     // x[i] += y[i].
     __global__ void add_inplace(float* x, const float* y, long n) {
         long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
@@ -135,6 +199,26 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(x); a.add(inverseFrequencies); a.add(Int32(heads)); a.add(Int32(d)); a.add(Int32(start))
         try gpu.launch(f, grid: (UInt32(T), UInt32(heads), 1), block: (64, 1, 1), arguments: a.pointers)
+    }
+
+    /// Causal GQA attention of `T` queries (positions `start...`) over a contiguous cache
+    /// `[start + T, Hkv, d]`. window nil: full causal.
+    public func attention(queries q: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, out: DeviceBuffer,
+                          tokens T: Int, start: Int, heads H: Int, kvHeads: Int, headDim d: Int, window: Int?) throws(CUDAError) {
+        let f = try gpu.function("attention", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(q); a.add(keys); a.add(values); a.add(out)
+        a.add(Int32(start)); a.add(Int32(H)); a.add(Int32(kvHeads)); a.add(Int32(d)); a.add(Int32(window ?? 0))
+        let positions = start + T
+        try gpu.launch(f, grid: (UInt32(T), UInt32(H), 1), block: (128, 1, 1), sharedBytes: UInt32(positions * 4), arguments: a.pointers)
+    }
+
+    /// Top-k experts and renormalised weights of router logits `[T, E]` (as DuetCPU.routeTopK).
+    public func routeTopK(_ logits: DeviceBuffer, experts: DeviceBuffer, weights: DeviceBuffer, tokens T: Int, experts E: Int, k: Int) throws(CUDAError) {
+        let f = try gpu.function("route_topk", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(logits); a.add(experts); a.add(weights); a.add(Int32(T)); a.add(Int32(E)); a.add(Int32(k))
+        try gpu.launch(f, grid: (UInt32((T + 127) / 128), 1, 1), block: (128, 1, 1), arguments: a.pointers)
     }
 
     /// x += y, n elements.
