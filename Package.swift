@@ -23,9 +23,9 @@ let package = Package(
         // CPU kernels: matmul over stored-dtype weights, expert FFN, norms, rope, attention, routing.
         .target(name: "DuetCPU", dependencies: ["DuetCore", "CDuetKernels"]),
         // CUDA through dlopen (driver API, NVRTC): builds without CUDA, uses it where present.
-        .target(name: "DuetCUDA", dependencies: ["DuetCore", "DuetFormats", "DuetCPU"]),
         // One file per model family.
         .target(name: "DuetModels", dependencies: ["DuetCore", "DuetFormats", "DuetCPU"]),
+        .target(name: "DuetCUDA", dependencies: ["DuetCore", "DuetFormats", "DuetCPU", "DuetModels"]),
         // KV cache, samplers, the generation loop.
         .target(name: "DuetRuntime", dependencies: ["DuetCore", "DuetModels"]),
         .executableTarget(name: "duet", dependencies: [

@@ -130,6 +130,44 @@ enum KernelSource {
         for (int j = 0; j < k; j++) weights[t * k + j] /= kept;
     }
 
+    // y[t, n] = sum_k W[n, k] * x[t, k] for fp32 weights (same scheme as gemv_bf16).
+    __global__ void gemv_f32(const float* W, const float* x, float* y, int N, int K, int T) {
+        int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+        int lane = threadIdx.x & 31;
+        if (n >= N) return;
+        const float* row = W + (long)n * K;
+        for (int t0 = 0; t0 < T; t0 += 8) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int tt = T - t0 < 8 ? T - t0 : 8;
+            for (int k = lane; k < K; k += 32) {
+                float w = row[k];
+                for (int j = 0; j < tt; j++) acc[j] += w * x[(long)(t0 + j) * K + k];
+            }
+            for (int j = 0; j < tt; j++) {
+                float v = warp_sum(acc[j]);
+                if (lane == 0) y[(long)(t0 + j) * N + n] = v;
+            }
+        }
+    }
+
+    // out[i, :] = x[idx[i], :] (rows of D floats).
+    __global__ void gather_rows(const float* x, const int* idx, float* out, int D) {
+        const float* src = x + (long)idx[blockIdx.x] * D;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) out[(long)blockIdx.x * D + i] = src[i];
+    }
+
+    // out[idx[i], :] += w[i] * y[i, :] (each idx at most once per launch).
+    __global__ void scatter_add_rows(float* out, const float* y, const int* idx, const float* w, int D) {
+        float* dst = out + (long)idx[blockIdx.x] * D;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] += w[blockIdx.x] * y[(long)blockIdx.x * D + i];
+    }
+
+    // dst[offset + i] = src[i].
+    __global__ void copy_floats(float* dst, const float* src, long offset, long n) {
+        long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+        if (i < n) dst[offset + i] = src[i];
+    }
+
     // x[i] += y[i].
     __global__ void add_inplace(float* x, const float* y, long n) {
         long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
@@ -252,6 +290,36 @@ public struct GPUOps {
             best = min(best, Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18)
         }
         return Double(bytes / 16 * 16) / best
+    }
+
+    /// y `[T, N]` = x `[T, K]` @ W^T, W fp32 `[N, K]`.
+    public func matmulF32(_ x: DeviceBuffer, _ w: DeviceBuffer, _ y: DeviceBuffer, rows N: Int, cols K: Int, tokens T: Int) throws(CUDAError) {
+        let f = try gpu.function("gemv_f32", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(w); a.add(x); a.add(y); a.add(Int32(N)); a.add(Int32(K)); a.add(Int32(T))
+        try gpu.launch(f, grid: (UInt32((N + 7) / 8), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    public func gatherRows(_ x: DeviceBuffer, indices: DeviceBuffer, _ out: DeviceBuffer, rows M: Int, dim D: Int) throws(CUDAError) {
+        let f = try gpu.function("gather_rows", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(x); a.add(indices); a.add(out); a.add(Int32(D))
+        try gpu.launch(f, grid: (UInt32(M), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    public func scatterAddRows(_ out: DeviceBuffer, _ y: DeviceBuffer, indices: DeviceBuffer, weights: DeviceBuffer, rows M: Int, dim D: Int) throws(CUDAError) {
+        let f = try gpu.function("scatter_add_rows", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(out); a.add(y); a.add(indices); a.add(weights); a.add(Int32(D))
+        try gpu.launch(f, grid: (UInt32(M), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// dst[offset..<offset+n] = src[0..<n] (floats).
+    public func copy(_ src: DeviceBuffer, into dst: DeviceBuffer, offset: Int, count n: Int) throws(CUDAError) {
+        let f = try gpu.function("copy_floats", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(dst); a.add(src); a.add(Int64(offset)); a.add(Int64(n))
+        try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
     }
 
     /// y `[T, N]` = x `[T, K]` @ W^T, W bf16 `[N, K]`.

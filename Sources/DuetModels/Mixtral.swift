@@ -151,21 +151,23 @@ enum MixtralNames {
     static func expert(_ l: Int, _ e: Int, _ w: String) -> String { layer(l, "block_sparse_moe.experts.\(e).\(w).weight") }
 }
 
-struct MixtralExpert {
-    let gate: WeightMatrix  // w1 [F, D]
-    let up: WeightMatrix    // w3 [F, D]
-    let down: WeightMatrix  // w2 [D, F]
+/// One expert's weights (public for the other backends, which read the same bytes).
+public struct MixtralExpert: Sendable {
+    public let gate: WeightMatrix  // w1 [F, D]
+    public let up: WeightMatrix    // w3 [F, D]
+    public let down: WeightMatrix  // w2 [D, F]
 }
 
-struct MixtralLayer {
-    let inputNorm: [Float]          // [D]
-    let q: WeightMatrix             // [H * d, D]
-    let k: WeightMatrix             // [Hkv * d, D]
-    let v: WeightMatrix             // [Hkv * d, D]
-    let o: WeightMatrix             // [D, H * d]
-    let postAttentionNorm: [Float]  // [D]
-    let router: WeightMatrix        // [E, D]
-    let experts: [MixtralExpert]    // (E)
+/// One decoder layer's weights.
+public struct MixtralLayer: Sendable {
+    public let inputNorm: [Float]          // [D]
+    public let q: WeightMatrix             // [H * d, D]
+    public let k: WeightMatrix             // [Hkv * d, D]
+    public let v: WeightMatrix             // [Hkv * d, D]
+    public let o: WeightMatrix             // [D, H * d]
+    public let postAttentionNorm: [Float]  // [D]
+    public let router: WeightMatrix        // [E, D]
+    public let experts: [MixtralExpert]    // (E)
 }
 
 // MARK: - Model
@@ -176,11 +178,11 @@ public final class MixtralModel: LanguageModel {
     public let config: MixtralConfiguration
     public let weights: any WeightSource
     public let kernels: CPUKernels
-    let embed: WeightMatrix   // [V, D]
-    let layers: [MixtralLayer]
-    let norm: [Float]         // [D]
-    let lmHead: WeightMatrix  // [V, D]; the embedding when tied
-    let rope: Rope
+    public let embed: WeightMatrix   // [V, D]
+    public let layers: [MixtralLayer]
+    public let norm: [Float]         // [D]
+    public let lmHead: WeightMatrix  // [V, D]; the embedding when tied
+    public let rope: Rope
     public let eosTokenIds: [Int]
     /// Sees every layer's routing decisions (layer, one choice per token): popularity
     /// profiles and tests.

@@ -1,0 +1,145 @@
+import DuetCore
+import DuetCPU
+import DuetModels
+
+/// A Mixtral model entirely on the GPU (the `gpu-only` strategy's model): every weight
+/// uploaded once within the budget, one sequence's KV cache on the device, and only the
+/// router's choices (a few ids per token) and the logits copied back to the host.
+///
+/// Shape letters as in DuetModels/Mixtral.swift.
+public final class GPUMixtral {
+    public let config: MixtralConfiguration
+    let gpu: GPU
+    let ops: GPUOps
+
+    /// A matrix on the device in its stored dtype.
+    struct Matrix {
+        let buffer: DeviceBuffer
+        let rows: Int
+        let cols: Int
+        let dtype: DType
+    }
+    struct Layer {
+        let inputNorm, postAttentionNorm: DeviceBuffer
+        let q, k, v, o, router: Matrix
+        let experts: [(gate: Matrix, up: Matrix, down: Matrix)]
+    }
+    let embed: Matrix
+    let layers: [Layer]
+    let norm: DeviceBuffer
+    let lmHead: Matrix
+    let inverseFrequencies: DeviceBuffer
+    /// (layer) keys / values [maxPositions, Hkv, d].
+    let keys: [DeviceBuffer]
+    let values: [DeviceBuffer]
+    /// Positions filled.
+    public private(set) var length = 0
+    let maxPositions: Int
+
+    /// Uploads `model`'s weights; `maxPositions` bounds the KV cache (default: the model's).
+    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil) throws(CUDAError) {
+        self.gpu = gpu
+        ops = GPUOps(gpu: gpu)
+        config = model.config
+        func upload(_ w: WeightMatrix) throws(CUDAError) -> Matrix {
+            guard w.dtype != .f16 else { throw .unavailable("f16 weights are not supported on the GPU yet (\(w.view.name))") }
+            let b = try gpu.upload(bytes: UnsafeRawBufferPointer(start: w.view.base, count: w.byteCount), category: "weights")
+            return Matrix(buffer: b, rows: w.rows, cols: w.cols, dtype: w.dtype)
+        }
+        embed = try upload(model.embed)
+        lmHead = config.tieWordEmbeddings ? embed : try upload(model.lmHead)
+        norm = try gpu.upload(model.norm, category: "weights")
+        layers = try model.layers.map { (l) throws(CUDAError) -> Layer in
+            Layer(inputNorm: try gpu.upload(l.inputNorm, category: "weights"), postAttentionNorm: try gpu.upload(l.postAttentionNorm, category: "weights"),
+                  q: try upload(l.q), k: try upload(l.k), v: try upload(l.v), o: try upload(l.o), router: try upload(l.router),
+                  experts: try l.experts.map { (e) throws(CUDAError) in (try upload(e.gate), try upload(e.up), try upload(e.down)) })
+        }
+        inverseFrequencies = try gpu.upload(model.rope.inverseFrequencies, category: "weights")
+        self.maxPositions = min(maxPositions ?? config.maxPositionEmbeddings, config.maxPositionEmbeddings)
+        let kvFloats = self.maxPositions * config.numKeyValueHeads * config.headDim
+        keys = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
+        values = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
+    }
+
+    /// Forgets the sequence.
+    public func reset() { length = 0 }
+
+    private func matmul(_ x: DeviceBuffer, _ w: Matrix, _ y: DeviceBuffer, tokens T: Int) throws(CUDAError) {
+        if w.dtype == .bf16 { try ops.matmulBF16(x, w.buffer, y, rows: w.rows, cols: w.cols, tokens: T) }
+        else { try ops.matmulF32(x, w.buffer, y, rows: w.rows, cols: w.cols, tokens: T) }
+    }
+
+    /// Runs `tokens` at the next positions and returns the last token's logits `[V]`.
+    public func forward(_ tokens: [Int32]) throws(CUDAError) -> [Float] {
+        let c = config, T = tokens.count, D = c.hiddenSize, H = c.numAttentionHeads, Hkv = c.numKeyValueHeads, d = c.headDim
+        let start = length
+        guard T > 0, start + T <= maxPositions else { throw .unavailable("sequence of \(start + T) positions exceeds the GPU cache of \(maxPositions)") }
+        func buffer(_ floats: Int) throws(CUDAError) -> DeviceBuffer { try gpu.allocate(max(floats, 1) * 4, category: "workspace") }
+        let ids = try gpu.upload(array: tokens, category: "workspace")
+        let x = try buffer(T * D), h = try buffer(T * D)                       // [T, D]
+        try embedRows(ids, into: x, tokens: T)
+        let q = try buffer(T * H * d), k = try buffer(T * Hkv * d), v = try buffer(T * Hkv * d), o = try buffer(T * H * d)
+        let attn = try buffer(T * D), moe = try buffer(T * D), logits = try buffer(T * c.numLocalExperts)
+        for (l, layer) in layers.enumerated() {
+            try ops.rmsNorm(x, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
+            try matmul(h, layer.q, q, tokens: T)
+            try matmul(h, layer.k, k, tokens: T)
+            try matmul(h, layer.v, v, tokens: T)
+            try ops.rope(q, inverseFrequencies: inverseFrequencies, tokens: T, heads: H, headDim: d, start: start)
+            try ops.rope(k, inverseFrequencies: inverseFrequencies, tokens: T, heads: Hkv, headDim: d, start: start)
+            try ops.copy(k, into: keys[l], offset: start * Hkv * d, count: T * Hkv * d)
+            try ops.copy(v, into: values[l], offset: start * Hkv * d, count: T * Hkv * d)
+            try ops.attention(queries: q, keys: keys[l], values: values[l], out: o, tokens: T, start: start,
+                              heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
+            try matmul(o, layer.o, attn, tokens: T)
+            try ops.add(x, attn, count: T * D)
+            try ops.rmsNorm(x, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
+            try matmul(h, layer.router, logits, tokens: T)
+            try experts(h, layer: layer, routerLogits: logits, into: moe, tokens: T)
+            try ops.add(x, moe, count: T * D)
+        }
+        length += T
+        // Final norm and lm_head for the last token only.
+        let lastIndex = try gpu.upload(array: [Int32(T - 1)], category: "workspace")
+        let last = try buffer(D), normed = try buffer(D), out = try buffer(c.vocabSize)
+        try ops.gatherRows(x, indices: lastIndex, last, rows: 1, dim: D)
+        try ops.rmsNorm(last, weight: norm, normed, tokens: 1, dim: D, eps: c.rmsNormEps)
+        try matmul(normed, lmHead, out, tokens: 1)
+        return try gpu.download(out, count: c.vocabSize)
+    }
+
+    private func embedRows(_ ids: DeviceBuffer, into x: DeviceBuffer, tokens T: Int) throws(CUDAError) {
+        if embed.dtype == .bf16 {
+            try ops.embedBF16(embed.buffer, ids: ids, x, tokens: T, dim: config.hiddenSize)
+        } else {
+            try ops.gatherRows(embed.buffer, indices: ids, x, rows: T, dim: config.hiddenSize)
+        }
+    }
+
+    /// Routes on the GPU, copies back only the chosen ids and weights, and runs each chosen
+    /// expert over its tokens: gather rows, gate/up, SiLU-multiply, down, weighted scatter-add.
+    private func experts(_ h: DeviceBuffer, layer: Layer, routerLogits: DeviceBuffer, into out: DeviceBuffer, tokens T: Int) throws(CUDAError) {
+        let c = config, D = c.hiddenSize, F = c.intermediateSize, k = c.numExpertsPerToken
+        let ids = try gpu.allocate(T * k * 4, category: "workspace"), weights = try gpu.allocate(T * k * 4, category: "workspace")
+        try ops.routeTopK(routerLogits, experts: ids, weights: weights, tokens: T, experts: c.numLocalExperts, k: k)
+        let chosen = try gpu.download(ids, count: T * k, as: Int32.self, zero: 0)
+        let chosenWeights = try gpu.download(weights, count: T * k)
+        var rows = [[Int32]](repeating: [], count: c.numLocalExperts), rowWeights = [[Float]](repeating: [], count: c.numLocalExperts)
+        for t in 0..<T { for j in 0..<k { rows[Int(chosen[t * k + j])].append(Int32(t)); rowWeights[Int(chosen[t * k + j])].append(chosenWeights[t * k + j]) } }
+        let zero = [Float](repeating: 0, count: T * D)
+        let code = zero.withUnsafeBytes { gpu.driver.cuMemcpyHtoD(out.pointer, $0.baseAddress!, $0.count) }
+        try gpu.driver.check(code, "cuMemcpyHtoD")
+        for e in 0..<c.numLocalExperts where !rows[e].isEmpty {
+            let Te = rows[e].count, expert = layer.experts[e]
+            let index = try gpu.upload(array: rows[e], category: "workspace"), w = try gpu.upload(rowWeights[e], category: "workspace")
+            let xe = try gpu.allocate(Te * D * 4, category: "workspace"), g = try gpu.allocate(Te * F * 4, category: "workspace")
+            let u = try gpu.allocate(Te * F * 4, category: "workspace"), y = try gpu.allocate(Te * D * 4, category: "workspace")
+            try ops.gatherRows(h, indices: index, xe, rows: Te, dim: D)
+            try matmul(xe, expert.gate, g, tokens: Te)
+            try matmul(xe, expert.up, u, tokens: Te)
+            try ops.siluMultiply(g, u, count: Te * F)
+            try matmul(g, expert.down, y, tokens: Te)
+            try ops.scatterAddRows(out, y, indices: index, weights: w, rows: Te, dim: D)
+        }
+    }
+}
