@@ -5,6 +5,7 @@ import Darwin
 #endif
 import ArgumentParser
 import DuetCPU
+import DuetCUDA
 import DuetCore
 import DuetFormats
 import DuetModels
@@ -39,16 +40,20 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "CPU kernel path: auto, reference, portable, avx512, amx.")
     var kernels: KernelPath = .auto
 
-    @Option(name: .long, help: "Where experts run: cpu-only (the only strategy until the CUDA backend lands), fiddler, gpu-only, gpu-swap, layer-split.")
+    @Option(name: .long, help: "Where experts run: cpu-only, or gpu-only (the whole model on the GPU, one sequence); fiddler, gpu-swap and layer-split are not built yet.")
     var strategy: Strategy = .cpuOnly
+
+    @Option(name: .long, help: "With a GPU strategy: GPU memory Duet may use, e.g. 24GiB or 800MiB (default: the free memory).")
+    var gpuMemory: String?
 
     func validate() throws {
         if model != nil && synthetic != nil { throw ValidationError("give --model or --synthetic, not both") }
         if synthetic == nil && (layers != nil || routerSkew != 0) { throw ValidationError("--layers and --router-skew go with --synthetic") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
-        if strategy != .cpuOnly {
-            throw ValidationError("--strategy \(strategy.rawValue) needs the CUDA backend, which this build does not have yet; use cpu-only")
+        if strategy != .cpuOnly && strategy != .gpuOnly {
+            throw ValidationError("--strategy \(strategy.rawValue) is not built yet; use cpu-only or gpu-only")
         }
+        if let gpuMemory, parseBytes(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, 800MiB or 1073741824, got '\(gpuMemory)'") }
     }
 
     /// The kernels (and thread pool) the options ask for.
@@ -79,6 +84,18 @@ struct EngineOptions: ParsableArguments {
         }
         let directory = try resolved ?? modelDirectory()
         let model = try ModelRegistry.load(directory: directory, kernels: kernels)
+        if strategy == .gpuOnly {
+            guard let mixtral = model as? MixtralModel else { throw CLIError("--strategy gpu-only supports Mixtral-family models") }
+            do {
+                let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseBytes))
+                let gpuModel = try GPULanguageModel(mixtral, gpu: gpu)
+                Console.err("GPU: \(gpu.name), \(gpu.budget.total >> 20) of \(gpu.budget.limit >> 20) MiB budget in use\n")
+                return (gpuModel, directory, secondsSince(start))
+            } catch {
+                // No GPU, or the model does not fit the budget: the CPU runs it, and says so.
+                Console.err("warning: --strategy gpu-only: \(error); running on the CPU instead\n")
+            }
+        }
         return (model, directory, secondsSince(start))
     }
 }
@@ -117,4 +134,14 @@ enum DemoModel {
         if n > 0 { return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) }
         return CommandLine.arguments.first ?? ""
     }
+}
+
+/// "24GiB", "800MiB", "2GB", "1073741824" -> bytes.
+func parseBytes(_ s: String) -> Int? {
+    let units: [(String, Int)] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("GB", 1_000_000_000), ("MB", 1_000_000), ("B", 1)]
+    for (suffix, scale) in units where s.hasSuffix(suffix) {
+        guard let v = Double(s.dropLast(suffix.count)), v >= 0 else { return nil }
+        return Int(v * Double(scale))
+    }
+    return Int(s)
 }

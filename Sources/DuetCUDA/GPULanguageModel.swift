@@ -1,0 +1,47 @@
+import DuetCore
+import DuetModels
+
+/// `--strategy gpu-only`: GPUMixtral behind the LanguageModel interface, for one sequence at
+/// a time. The KVCache handed out only counts positions; the keys and values live on the GPU.
+public final class GPULanguageModel: LanguageModel {
+    public let cpuModel: MixtralModel
+    public let gpuModel: GPUMixtral
+    private weak var activeCache: KVCache?
+
+    public init(_ model: MixtralModel, gpu: GPU) throws(CUDAError) {
+        cpuModel = model
+        gpuModel = try GPUMixtral(model, gpu: gpu)
+    }
+
+    public var vocabSize: Int { cpuModel.vocabSize }
+    public var maxPositions: Int { cpuModel.maxPositions }
+    public var eosTokenIds: [Int] { cpuModel.eosTokenIds }
+    public var bosTokenId: Int? { cpuModel.bosTokenId }
+    public var summary: ModelSummary { cpuModel.summary }
+    public func makeCache() -> KVCache { cpuModel.makeCache() }
+    public func makeCachePool(memoryLimit: Int?, blockSize: Int) -> KVBlockPool { cpuModel.makeCachePool(memoryLimit: memoryLimit, blockSize: blockSize) }
+
+    public func forward(_ tokens: [Int32], cache: KVCache, allLogits: Bool) throws(ModelError) -> [Float] {
+        guard !allLogits else { throw .cacheFull("the GPU model returns the last token's logits only") }
+        guard !tokens.isEmpty else { throw .emptyInput }
+        if let bad = tokens.first(where: { $0 < 0 || Int($0) >= vocabSize }) { throw .tokenOutOfRange(id: bad, vocabSize: vocabSize) }
+        // One sequence on the GPU: a new cache (or one rewound to 0) starts it over.
+        if activeCache !== cache || cache.length == 0 || cache.length != gpuModel.length {
+            guard cache.length == 0 else { throw .cacheFull("the GPU model holds one sequence; this cache is not it") }
+            gpuModel.reset()
+            activeCache = cache
+        }
+        do {
+            let logits = try gpuModel.forward(tokens)
+            cache.advance(tokens.count)
+            return logits
+        } catch {
+            throw .cacheFull(error.description)
+        }
+    }
+
+    public func forwardBatch(_ items: [BatchItem], allLogits: Bool) throws(ModelError) -> [[Float]] {
+        guard items.count == 1 else { throw .cacheFull("--strategy gpu-only runs one sequence at a time for now") }
+        return [try forward(items[0].tokens, cache: items[0].cache, allLogits: allLogits)]
+    }
+}
