@@ -53,7 +53,7 @@ struct EngineOptions: ParsableArguments {
         if strategy != .cpuOnly && strategy != .gpuOnly {
             throw ValidationError("--strategy \(strategy.rawValue) is not built yet; use cpu-only or gpu-only")
         }
-        if let gpuMemory, parseBytes(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, 800MiB or 1073741824, got '\(gpuMemory)'") }
+        if let gpuMemory, parseByteSize(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, 800MiB or 1073741824, got '\(gpuMemory)'") }
     }
 
     /// The kernels (and thread pool) the options ask for.
@@ -87,7 +87,7 @@ struct EngineOptions: ParsableArguments {
         if strategy == .gpuOnly {
             guard let mixtral = model as? MixtralModel else { throw CLIError("--strategy gpu-only supports Mixtral-family models") }
             do {
-                let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseBytes))
+                let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseByteSize))
                 let gpuModel = try GPULanguageModel(mixtral, gpu: gpu)
                 Console.err("GPU: \(gpu.name), \(gpu.budget.total >> 20) of \(gpu.budget.limit >> 20) MiB budget in use\n")
                 return (gpuModel, directory, secondsSince(start))
@@ -136,12 +136,3 @@ enum DemoModel {
     }
 }
 
-/// "24GiB", "800MiB", "2GB", "1073741824" -> bytes.
-func parseBytes(_ s: String) -> Int? {
-    let units: [(String, Int)] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("GB", 1_000_000_000), ("MB", 1_000_000), ("B", 1)]
-    for (suffix, scale) in units where s.hasSuffix(suffix) {
-        guard let v = Double(s.dropLast(suffix.count)), v >= 0 else { return nil }
-        return Int(v * Double(scale))
-    }
-    return Int(s)
-}

@@ -120,3 +120,16 @@ func makeWeights(_ values: [Float], rows: Int, cols: Int, dtype: DType) -> (Weig
         #expect(bf16ToFloat(floatToBF16(-2.5)) == -2.5)
     }
 }
+
+@Suite struct ByteSizeTests {
+    @Test func sizesParseAndNonsenseDoesNot() {
+        #expect(parseByteSize("24GiB") == 24 << 30)
+        #expect(parseByteSize("800MiB") == 800 << 20)
+        #expect(parseByteSize("1.5GiB") == 3 << 29)
+        #expect(parseByteSize("2GB") == 2_000_000_000)
+        #expect(parseByteSize("4096") == 4096)
+        #expect(parseByteSize("12XB") == nil)
+        #expect(parseByteSize("-1GiB") == nil)
+        #expect(parseByteSize("") == nil)
+    }
+}
