@@ -37,7 +37,7 @@ let package = Package(
         .testTarget(name: "DuetFormatsTests", dependencies: ["DuetFormats", "DuetTestSupport"]),
         .testTarget(name: "DuetTokenizerTests", dependencies: ["DuetTokenizer", "DuetTestSupport"]),
         .testTarget(name: "DuetCPUTests", dependencies: ["DuetCPU", "DuetTestSupport"]),
-        .testTarget(name: "DuetCUDATests", dependencies: ["DuetCUDA"]),
+        .testTarget(name: "DuetCUDATests", dependencies: ["DuetCUDA", "DuetTestSupport"]),
         .testTarget(name: "DuetModelsTests", dependencies: ["DuetModels", "DuetRuntime", "DuetTestSupport"]),
         .testTarget(name: "DuetRuntimeTests", dependencies: ["DuetRuntime", "DuetModels", "DuetTestSupport"]),
     ]

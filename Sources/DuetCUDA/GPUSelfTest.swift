@@ -1,5 +1,12 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 import DuetCore
 import DuetCPU
+import DuetFormats
+import DuetModels
 
 /// `duet selftest --gpu`: every CUDA op against its CPU op on random inputs at odd sizes.
 /// Without a GPU the checks report that they were skipped.
@@ -112,6 +119,55 @@ public enum GPUSelfTest {
         } catch {
             return .failure(error)
         }
+    }
+
+    /// HF transformers' outputs on the golden checkpoints (scripts/make_goldens.py).
+    struct ModelGolden: Decodable {
+        struct Case: Decodable {
+            let prompt: [Int32]
+            let prefill_logits: [Float]
+            let decode_logits: [Float]
+            let decode_steps: Int
+            let greedy: [Int32]
+            let margins: [Float]
+        }
+        let cases: [Case]
+    }
+
+    /// The whole model on the GPU against HF, for the golden checkpoints in `goldens`
+    /// (Tests/Fixtures): prefill and 8-step decode logits (relative L2 < 1e-4) and, with HF's
+    /// tokens fed back, the same greedy token wherever HF's top-2 margin exceeds 1e-3.
+    /// Models whose golden is absent are left out.
+    public static func modelChecks(goldens: String, memoryLimit: Int? = nil) throws -> [Check] {
+        var out: [Check] = []
+        let gpu = try GPU(memoryLimit: memoryLimit)
+        for name in ["mixtral-tiny-a", "mixtral-tiny-b"] {
+            let file = joinPath(goldens, "\(name).golden.json")
+            guard fileExists(file) else { continue }
+            let golden = try JSONDecoder().decode(ModelGolden.self, from: Data(readSmallFile(file)))
+            let model = try GPUMixtral(try MixtralModel(directory: joinPath(goldens, name), kernels: .reference()), gpu: gpu)
+            for c in golden.cases {
+                model.reset()
+                var logits = try model.forward(c.prompt)
+                out.append(Check(name: "model \(name) prefill \(c.prompt.count) tokens", error: relativeError(logits, c.prefill_logits), tolerance: 1e-4))
+                var mismatches = 0
+                for (step, token) in c.greedy.enumerated() {
+                    if c.margins[step] > 1e-3 && Int32(argmax(logits)) != token { mismatches += 1 }
+                    if step == c.decode_steps {
+                        out.append(Check(name: "model \(name) logits after \(c.decode_steps) decode steps", error: relativeError(logits, c.decode_logits), tolerance: 1e-4))
+                    }
+                    if step + 1 < c.greedy.count { logits = try model.forward([token]) }
+                }
+                out.append(Check(name: "model \(name) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5))
+            }
+        }
+        return out
+    }
+
+    private static func argmax(_ x: [Float]) -> Int {
+        var best = 0
+        for i in x.indices where x[i] > x[best] { best = i }
+        return best
     }
 
     private static func relativeError(_ a: [Float], _ b: [Float]) -> Double {

@@ -241,19 +241,6 @@ struct BenchDecode: ParsableCommand {
     }
 }
 
-/// HF transformers' outputs on the golden checkpoints (scripts/make_goldens.py).
-struct ModelGolden: Decodable {
-    struct Case: Decodable {
-        let prompt: [Int32]
-        let prefill_logits: [Float]
-        let decode_logits: [Float]
-        let decode_steps: Int
-        let greedy: [Int32]
-        let margins: [Float]
-    }
-    let cases: [Case]
-}
-
 struct SelfTest: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "selftest",
@@ -278,7 +265,9 @@ struct SelfTest: ParsableCommand {
             case .success(let r):
                 Console.out("GPU: \(r.device)\n")
                 results += r.checks.map { (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed) }
-                results += try goldenChecks()
+                results += try GPUSelfTest.modelChecks(goldens: goldens).map {
+                    (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed)
+                }
             case .failure(.unavailable(let why)):
                 Console.out("GPU checks skipped: \(why)\n")
                 skipped = 1
@@ -295,46 +284,6 @@ struct SelfTest: ParsableCommand {
         if failed > 0 { throw ExitCode.failure }
     }
 
-    /// The whole model on the GPU against HF: prefill and 8-step decode logits (relative L2
-    /// < 1e-4) and, with HF's tokens fed back, the same greedy token wherever HF's top-2
-    /// margin exceeds 1e-3.
-    private func goldenChecks() throws -> [(name: String, error: Double, tolerance: Double, passed: Bool)] {
-        var out: [(name: String, error: Double, tolerance: Double, passed: Bool)] = []
-        let gpuDevice = try GPU()
-        for name in ["mixtral-tiny-a", "mixtral-tiny-b"] {
-            let dir = joinPath(goldens, name), file = joinPath(goldens, "\(name).golden.json")
-            guard fileExists(file) else {
-                Console.out("golden \(file) not found: whole-model GPU checks skipped\n")
-                continue
-            }
-            let golden = try JSONDecoder().decode(ModelGolden.self, from: Data(readSmallFile(file)))
-            let model = try MixtralModel(directory: dir, kernels: .reference())
-            let gpuModel = try GPUMixtral(model, gpu: gpuDevice)
-            for c in golden.cases {
-                gpuModel.reset()
-                var logits = try gpuModel.forward(c.prompt)
-                let prefill = relativeError(logits, c.prefill_logits)
-                out.append((name: "gpu model \(name) prefill \(c.prompt.count) tokens", error: prefill, tolerance: 1e-4, passed: prefill < 1e-4))
-                var mismatches = 0
-                for (step, token) in c.greedy.enumerated() {
-                    if c.margins[step] > 1e-3 && Int32(argmax(logits)) != token { mismatches += 1 }
-                    if step == c.decode_steps {
-                        let e = relativeError(logits, c.decode_logits)
-                        out.append((name: "gpu model \(name) logits after \(c.decode_steps) decode steps", error: e, tolerance: 1e-4, passed: e < 1e-4))
-                    }
-                    if step + 1 < c.greedy.count { logits = try gpuModel.forward([token]) }
-                }
-                out.append((name: "gpu model \(name) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5, passed: mismatches == 0))
-            }
-        }
-        return out
-    }
-
-    private func relativeError(_ a: [Float], _ b: [Float]) -> Double {
-        var num = 0.0, den = 0.0
-        for i in a.indices { let d = Double(a[i]) - Double(b[i]); num += d * d; den += Double(b[i]) * Double(b[i]) }
-        return (num / max(den, 1e-300)).squareRoot()
-    }
 }
 
 struct BenchBatch: ParsableCommand {

@@ -1,4 +1,5 @@
 import DuetCUDA
+import DuetTestSupport
 import Testing
 
 /// The CUDA checks run where a GPU is (`duet selftest --gpu` on the GPU host); here they
@@ -9,6 +10,10 @@ import Testing
         case .success(let result):
             #expect(!result.checks.isEmpty)
             for c in result.checks { #expect(c.passed, "\(c.name): \(c.error)") }
+            // The whole model on the GPU against HF's goldens.
+            let model = (try? GPUSelfTest.modelChecks(goldens: fixturesDirectory)) ?? []
+            #expect(model.count == 15)
+            for c in model { #expect(c.passed, "\(c.name): \(c.error)") }
         case .failure(let error):
             guard case .unavailable(let why) = error else {
                 Issue.record("a GPU was found but failed: \(error)")
