@@ -21,16 +21,17 @@ struct Info: ParsableCommand {
                 files: s.files, loadSeconds: loadSeconds))
             return
         }
-        var lines = ["family                 \(s.family)"]
-        for (k, v) in s.settings { lines.append(k.padding(24) + v) }
-        lines.append("parameters, total      \(grouped(s.totalParameters))")
-        lines.append("parameters, active     \(grouped(s.activeParameters)) per token")
-        lines.append("parameters, per expert \(grouped(s.parametersPerExpert))")
+        var rows: [(String, String)] = [("family", s.family)] + s.settings
+        rows.append(("parameters, total", grouped(s.totalParameters)))
+        rows.append(("parameters, active", "\(grouped(s.activeParameters)) per token"))
+        rows.append(("parameters, per expert", grouped(s.parametersPerExpert)))
         for (dtype, bytes) in s.bytesByDType.sorted(by: { $0.key < $1.key }) {
-            lines.append("bytes, \(dtype)".padding(24) + "\(grouped(bytes)) (\(fixed(Double(bytes) / 1_048_576, 1)) MiB)")
+            rows.append(("bytes, \(dtype)", "\(grouped(bytes)) (\(fixed(Double(bytes) / 1_048_576, 1)) MiB)"))
         }
-        lines.append("files                  \(s.files.count)")
-        lines.append("load time               \(fixed(loadSeconds, 3)) s " + (s.files.isEmpty ? "(synthetic weights generated in memory)" : "(headers only; weights stay mmap'ed)"))
+        rows.append(("files", "\(s.files.count)"))
+        rows.append(("load time", "\(fixed(loadSeconds, 3)) s " + (s.files.isEmpty ? "(synthetic weights generated in memory)" : "(headers only; weights stay mmap'ed)")))
+        let width = rows.map(\.0.count).max()! + 2
+        let lines = rows.map { $0.0.padding(width) + $0.1 }
         Console.out(lines.joined(separator: "\n") + "\n")
     }
 }
