@@ -83,3 +83,28 @@ import Testing
         #expect(throws: ModelError.self) { try generator.run([request]) { _, _ in } }
     }
 }
+
+/// Batched decoding on the default (fast) path against HF's greedy goldens: each prompt's
+/// tokens equal HF's up to the first step whose top-2 margin is within the path's error.
+@Suite(.serialized) struct BatchFastPathTests {
+    @Test(arguments: ["mixtral-tiny-a", "mixtral-tiny-b"])
+    func batchedFastPathFollowsTheGoldens(name: String) throws {
+        let golden = try Golden.load(name)
+        let kernels = try CPUKernels(.auto, pool: ThreadPool(threads: 2))
+        let model = try MixtralModel(directory: fixture(name), kernels: kernels)
+        let threshold: Float = kernels.features.amx ? 0.1 : 2e-3
+        let requests = golden.cases.enumerated().map { i, c in
+            BatchRequest(id: "\(i)", prompt: c.prompt, options: GenerationOptions(maxTokens: c.greedy.count, stopTokenIds: []))
+        }
+        var results: [String: [Int32]] = [:]
+        try BatchGenerator(model: model, maxSequences: 2, cacheMemoryLimit: nil).run(requests) { r, result in results[r.id] = result.ids }
+        var compared = 0
+        for (i, c) in golden.cases.enumerated() {
+            let ids = try #require(results["\(i)"])
+            let trusted = c.margins.firstIndex { $0 <= threshold } ?? c.greedy.count  // steps before the first near-tie
+            #expect(Array(ids.prefix(trusted)) == Array(c.greedy.prefix(trusted)), "\(name) prompt \(i)")
+            compared += trusted
+        }
+        #expect(compared >= 20)
+    }
+}

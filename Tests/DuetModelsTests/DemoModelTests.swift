@@ -3,6 +3,8 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import DuetCore
+import DuetCPU
 import DuetModels
 import DuetRuntime
 import DuetTestSupport
@@ -39,5 +41,32 @@ struct DemoGolden: Decodable {
             #expect(result.ids == c.greedy, "prompt \(c.prompt)")
             #expect(try tokenizer.decode(result.ids, skipSpecialTokens: true) == c.text)
         }
+    }
+}
+
+/// The default (fast) kernel path on the demo model: logits close to HF's and, with HF's
+/// tokens fed back, the same greedy token wherever HF's top-2 margin exceeds twice the path's
+/// logit error (AVX-512 accumulates in fp32 in another order; AMX rounds activations to bf16).
+@Suite(.serialized) struct DemoModelFastPathTests {
+    @Test func defaultPathAgreesWhereTheMarginAllows() throws {
+        let golden = try JSONDecoder().decode(DemoGolden.self, from: Data(fixtureBytes("duet-demo-moe.golden.json.gz")))
+        let kernels = try CPUKernels(.auto, pool: ThreadPool(threads: 2))
+        let model = try ModelRegistry.load(directory: demoModelDirectory, kernels: kernels)
+        let amx = kernels.features.amx
+        let (relative, absolute): (Double, Float) = amx ? (2e-2, 0.1) : (1e-4, 2e-3)
+        var checked = 0
+        for c in golden.cases {
+            let cache = model.makeCache()
+            var logits = try model.forward(c.prompt_ids, cache: cache, allLogits: false)
+            #expect(relativeL2Error(logits, c.prefill_logits) < relative, "prompt \(c.prompt)")
+            for (step, token) in c.greedy.enumerated() {
+                if c.margins[step] > 2 * absolute {
+                    #expect(Int32(argmax(logits)) == token, "\(c.prompt) step \(step) margin \(c.margins[step])")
+                    checked += 1
+                }
+                if step + 1 < c.greedy.count { logits = try model.forward([token], cache: cache, allLogits: false) }
+            }
+        }
+        #expect(checked > 150)  // of 192 steps
     }
 }
