@@ -25,12 +25,16 @@ public final class GPULanguageModel: LanguageModel {
         guard !allLogits else { throw .cacheFull("the GPU model returns the last token's logits only") }
         guard !tokens.isEmpty else { throw .emptyInput }
         if let bad = tokens.first(where: { $0 < 0 || Int($0) >= vocabSize }) { throw .tokenOutOfRange(id: bad, vocabSize: vocabSize) }
-        // One sequence on the GPU: a new cache (or one rewound to 0) starts it over.
-        if activeCache !== cache || cache.length == 0 || cache.length != gpuModel.length {
+        // One sequence on the GPU: a new cache starts it over; the active cache rewound
+        // (chat turns reuse a prefix) rewinds the GPU's positions with it.
+        if activeCache !== cache {
             guard cache.length == 0 else { throw .cacheFull("the GPU model holds one sequence; this cache is not it") }
             gpuModel.reset()
             activeCache = cache
+        } else if cache.length < gpuModel.length {
+            gpuModel.truncate(cache.length)
         }
+        guard cache.length == gpuModel.length else { throw .cacheFull("the GPU cache and the sequence disagree on its length") }
         do {
             let logits = try gpuModel.forward(tokens)
             cache.advance(tokens.count)

@@ -64,6 +64,9 @@ public final class GPUMixtral {
     /// Forgets the sequence.
     public func reset() { length = 0 }
 
+    /// Forgets every position from `newLength` on (later writes overwrite them).
+    public func truncate(_ newLength: Int) { length = min(length, max(0, newLength)) }
+
     private func matmul(_ x: DeviceBuffer, _ w: Matrix, _ y: DeviceBuffer, tokens T: Int) throws(CUDAError) {
         if w.dtype == .bf16 { try ops.matmulBF16(x, w.buffer, y, rows: w.rows, cols: w.cols, tokens: T) }
         else { try ops.matmulF32(x, w.buffer, y, rows: w.rows, cols: w.cols, tokens: T) }

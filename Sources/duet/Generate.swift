@@ -68,6 +68,7 @@ struct Generate: ParsableCommand {
             throw ValidationError("give exactly one of --prompt, --prompt-ids and --prompts")
         }
         if prompts != nil && output == nil { throw ValidationError("--prompts needs --output") }
+        if prompts != nil && beamWidth > 1 { throw ValidationError("--beam-width does not combine with --prompts yet; run beams one prompt at a time") }
         guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1") }
         guard beamWidth >= 1 else { throw ValidationError("--beam-width must be at least 1") }
         if let n = numReturnSequences, n < 1 || n > beamWidth { throw ValidationError("--num-return-sequences must be between 1 and --beam-width") }
