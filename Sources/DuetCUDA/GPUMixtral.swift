@@ -10,6 +10,8 @@ import DuetModels
 public final class GPUMixtral {
     public let config: MixtralConfiguration
     let gpu: GPU
+    /// The device the model lives on.
+    public var device: GPU { gpu }
     let ops: GPUOps
 
     /// A matrix on the device in its stored dtype.

@@ -78,12 +78,14 @@ struct EngineOptions: ParsableArguments {
     func load(directory resolved: String? = nil) throws -> (model: any LanguageModel, directory: String?, seconds: Double) {
         let kernels = try makeKernels()
         let start = ContinuousClock.now
+        let model: any LanguageModel
+        var directory: String? = nil
         if let synthetic {
-            let model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, routerSkew: routerSkew, kernels: kernels)
-            return (model, nil, secondsSince(start))
+            model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, routerSkew: routerSkew, kernels: kernels)
+        } else {
+            directory = try resolved ?? modelDirectory()
+            model = try ModelRegistry.load(directory: directory!, kernels: kernels)
         }
-        let directory = try resolved ?? modelDirectory()
-        let model = try ModelRegistry.load(directory: directory, kernels: kernels)
         if strategy == .gpuOnly {
             guard let mixtral = model as? MixtralModel else { throw CLIError("--strategy gpu-only supports Mixtral-family models") }
             do {
