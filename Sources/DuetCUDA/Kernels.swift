@@ -189,6 +189,7 @@ enum KernelSource {
             int tt = T - t0 < 8 ? T - t0 : 8;
             if (wide) {
                 const uint4* row8 = (const uint4*)row;
+                #pragma unroll 4
                 for (int i = lane; i < (K >> 3); i += 32) {
                     uint4 p = row8[i];
                     float w0 = __uint_as_float(p.x << 16), w1 = __uint_as_float(p.x & 0xffff0000u);
