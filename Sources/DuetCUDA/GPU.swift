@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import DuetFormats
+import Foundation
 
 /// Bytes Duet may allocate on the GPU (`--gpu-memory`), tracked by category (weights, KV
 /// cache, workspace): an allocation past the limit is an error the caller handles (keeping
@@ -35,8 +36,12 @@ public final class DeviceBuffer: @unchecked Sendable {
     }
 
     deinit {
-        _ = gpu.driver.cuMemFree(pointer)
-        gpu.budget.release(bytes, category)
+        if category == GPU.workspace {
+            gpu.recycle(pointer, bytes: bytes)
+        } else {
+            _ = gpu.driver.cuMemFree(pointer)
+            gpu.budget.release(bytes, category)
+        }
     }
 }
 
@@ -52,6 +57,12 @@ public final class GPU: @unchecked Sendable {
     public let budget: GPUMemoryBudget
     private var functions: [String: OpaquePointer] = [:]
     private var modules: [UInt64: OpaquePointer] = [:]  // by source hash
+    /// The category whose buffers are recycled: a decode step allocates the same shapes every
+    /// time, and cuMemAlloc/cuMemFree are slow and synchronise the device, so freed workspace
+    /// stays reserved (in the budget) and is handed out again by size class (a power of two).
+    public static let workspace = "workspace"
+    private var freeWorkspace: [Int: [CUdeviceptr]] = [:]
+    private let workspaceLock = NSLock()
 
     /// Opens device 0. `memoryLimit` nil: the device's free memory at start.
     public init(memoryLimit: Int? = nil) throws(CUDAError) {
@@ -79,7 +90,14 @@ public final class GPU: @unchecked Sendable {
 
     // MARK: memory
 
-    public func allocate(_ bytes: Int, category: String) throws(CUDAError) -> DeviceBuffer {
+    public func allocate(_ requested: Int, category: String) throws(CUDAError) -> DeviceBuffer {
+        var bytes = requested
+        if category == GPU.workspace {
+            bytes = max(256, 1 << (Int.bitWidth - (max(requested, 1) - 1).leadingZeroBitCount))
+            if let p = reuseWorkspace(bytes) { return DeviceBuffer(gpu: self, pointer: p, bytes: bytes, category: category) }
+            if (try? budget.reserve(bytes, category)) == nil { releaseWorkspaceCache() }
+            else { budget.release(bytes, category) }
+        }
         try budget.reserve(bytes, category)
         var p: CUdeviceptr = 0
         let code = driver.cuMemAlloc(&p, max(bytes, 1))
@@ -89,6 +107,27 @@ public final class GPU: @unchecked Sendable {
         }
         return DeviceBuffer(gpu: self, pointer: p, bytes: bytes, category: category)
     }
+
+    private func reuseWorkspace(_ bytes: Int) -> CUdeviceptr? {
+        workspaceLock.lock(); defer { workspaceLock.unlock() }
+        return freeWorkspace[bytes]?.popLast()
+    }
+
+    func recycle(_ pointer: CUdeviceptr, bytes: Int) {
+        workspaceLock.lock(); defer { workspaceLock.unlock() }
+        freeWorkspace[bytes, default: []].append(pointer)
+    }
+
+    /// Frees the recycled workspace (when a new allocation would not fit the budget beside it).
+    func releaseWorkspaceCache() {
+        workspaceLock.lock(); defer { workspaceLock.unlock() }
+        for (bytes, pointers) in freeWorkspace {
+            for p in pointers { _ = driver.cuMemFree(p); budget.release(bytes, GPU.workspace) }
+        }
+        freeWorkspace = [:]
+    }
+
+    deinit { releaseWorkspaceCache() }
 
     public func upload(_ values: [Float], category: String) throws(CUDAError) -> DeviceBuffer {
         let b = try allocate(values.count * 4, category: category)
