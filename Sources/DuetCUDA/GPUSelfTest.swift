@@ -121,19 +121,6 @@ public enum GPUSelfTest {
         }
     }
 
-    /// HF transformers' outputs on the golden checkpoints (scripts/make_goldens.py).
-    struct ModelGolden: Decodable {
-        struct Case: Decodable {
-            let prompt: [Int32]
-            let prefill_logits: [Float]
-            let decode_logits: [Float]
-            let decode_steps: Int
-            let greedy: [Int32]
-            let margins: [Float]
-        }
-        let cases: [Case]
-    }
-
     /// The whole model on the GPU against HF, for the golden checkpoints in `goldens`
     /// (Tests/Fixtures): prefill and 8-step decode logits (relative L2 < 1e-4) and, with HF's
     /// tokens fed back, the same greedy token wherever HF's top-2 margin exceeds 1e-3.
@@ -144,7 +131,7 @@ public enum GPUSelfTest {
         for name in ["mixtral-tiny-a", "mixtral-tiny-b"] {
             let file = joinPath(goldens, "\(name).golden.json")
             guard fileExists(file) else { continue }
-            let golden = try JSONDecoder().decode(ModelGolden.self, from: Data(readSmallFile(file)))
+            let golden = try HFGolden.load(file: file)
             let model = try GPUMixtral(try MixtralModel(directory: joinPath(goldens, name), kernels: .reference()), gpu: gpu)
             for c in golden.cases {
                 model.reset()

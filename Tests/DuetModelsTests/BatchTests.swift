@@ -89,7 +89,7 @@ import Testing
 @Suite(.serialized) struct BatchFastPathTests {
     @Test(arguments: ["mixtral-tiny-a", "mixtral-tiny-b"])
     func batchedFastPathFollowsTheGoldens(name: String) throws {
-        let golden = try Golden.load(name)
+        let golden = try HFGolden.load(name)
         let kernels = try CPUKernels(.auto, pool: ThreadPool(threads: 2))
         let model = try MixtralModel(directory: fixture(name), kernels: kernels)
         let threshold: Float = kernels.features.amx ? 0.1 : 2e-3

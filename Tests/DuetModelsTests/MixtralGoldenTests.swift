@@ -11,22 +11,8 @@ import DuetRuntime
 import DuetTestSupport
 import Testing
 
-/// HF transformers' outputs, written by scripts/make_goldens.py (fp32 on the stored weights).
-struct Golden: Decodable {
-    struct Case: Decodable {
-        let prompt: [Int32]
-        let prefill_logits: [Float]
-        let decode_logits: [Float]
-        let decode_steps: Int
-        let greedy: [Int32]
-        let margins: [Float]
-    }
-    let model: String
-    let cases: [Case]
-
-    static func load(_ name: String) throws -> Golden {
-        try JSONDecoder().decode(Golden.self, from: Data(readSmallFile(fixture("\(name).golden.json"))))
-    }
+extension HFGolden {
+    static func load(_ name: String) throws -> HFGolden { try load(file: fixture("\(name).golden.json")) }
 }
 
 private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
@@ -35,7 +21,7 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
 @Suite(.serialized) struct MixtralGoldenTests {
     @Test(arguments: goldenModels)
     func prefillAndDecodeLogitsMatchHF(name: String) throws {
-        let golden = try Golden.load(name)
+        let golden = try HFGolden.load(name)
         let model = try MixtralModel(directory: fixture(name), kernels: .reference())
         for c in golden.cases {
             let cache = model.makeCache()
@@ -52,7 +38,7 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
 
     @Test(arguments: goldenModels)
     func greedyTokensMatchHF(name: String) throws {
-        let golden = try Golden.load(name)
+        let golden = try HFGolden.load(name)
         let model = try MixtralModel(directory: fixture(name), kernels: .reference())
         for c in golden.cases {
             let result = try generate(model: model, prompt: c.prompt,
@@ -65,7 +51,7 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
     /// One uncached pass over prompt + generated tokens predicts the same tokens as the
     /// cached loop (the KV cache and positions are consistent).
     @Test func allPositionLogitsAgreeWithCachedDecoding() throws {
-        let golden = try Golden.load("mixtral-tiny-b")
+        let golden = try HFGolden.load("mixtral-tiny-b")
         let model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference())
         let c = golden.cases[1]
         let sequence = c.prompt + c.greedy.dropLast()
@@ -93,7 +79,7 @@ private let goldenModels = ["mixtral-tiny-a", "mixtral-tiny-b"]
     @Test(arguments: [KernelPath.portable, .avx512, .amx, .auto], goldenModels)
     func logitsAndTokensWithinTolerance(path: KernelPath, name: String) throws {
         guard let kernels = try? CPUKernels(path, pool: ThreadPool(threads: 2)) else { return }
-        let golden = try Golden.load(name)
+        let golden = try HFGolden.load(name)
         let model = try MixtralModel(directory: fixture(name), kernels: kernels)
         let tol = Self.tolerance(path == .auto && kernels.features.amx ? .amx : path)
         var checked = 0
