@@ -95,8 +95,7 @@ public final class GPU: @unchecked Sendable {
         if category == GPU.workspace {
             bytes = max(256, 1 << (Int.bitWidth - (max(requested, 1) - 1).leadingZeroBitCount))
             if let p = reuseWorkspace(bytes) { return DeviceBuffer(gpu: self, pointer: p, bytes: bytes, category: category) }
-            if (try? budget.reserve(bytes, category)) == nil { releaseWorkspaceCache() }
-            else { budget.release(bytes, category) }
+            if budget.total + bytes > budget.limit { releaseWorkspaceCache() }
         }
         try budget.reserve(bytes, category)
         var p: CUdeviceptr = 0
