@@ -10,6 +10,9 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // Tensors, dtypes, errors: the vocabulary every other module speaks.
@@ -28,8 +31,15 @@ let package = Package(
         .target(name: "DuetCUDA", dependencies: ["DuetCore", "DuetFormats", "DuetCPU", "DuetModels"]),
         // KV cache, samplers, the generation loop.
         .target(name: "DuetRuntime", dependencies: ["DuetCore", "DuetModels"]),
+        // The OpenAI-compatible HTTP server: routes, validation, continuous batching, metrics.
+        .target(name: "DuetServer", dependencies: [
+            "DuetRuntime", "DuetModels", "DuetTokenizer", "DuetCore",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         .executableTarget(name: "duet", dependencies: [
-            "DuetRuntime", "DuetModels", "DuetFormats", "DuetTokenizer", "DuetCUDA",
+            "DuetRuntime", "DuetModels", "DuetFormats", "DuetTokenizer", "DuetCUDA", "DuetServer",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Fixture paths, temporary directories, error metrics shared by the test targets.
@@ -40,5 +50,8 @@ let package = Package(
         .testTarget(name: "DuetCUDATests", dependencies: ["DuetCUDA", "DuetTestSupport"]),
         .testTarget(name: "DuetModelsTests", dependencies: ["DuetModels", "DuetRuntime", "DuetTestSupport"]),
         .testTarget(name: "DuetRuntimeTests", dependencies: ["DuetRuntime", "DuetModels", "DuetTestSupport"]),
+        .testTarget(name: "DuetServerTests", dependencies: [
+            "DuetServer", "DuetTestSupport", .product(name: "HummingbirdTesting", package: "hummingbird"),
+        ]),
     ]
 )

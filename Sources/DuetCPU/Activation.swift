@@ -26,9 +26,14 @@ public func softmax(_ x: UnsafeMutablePointer<Float>, count: Int) {
 
 /// `log(softmax(x))[index]`, computed stably in Double.
 public func logSoftmax(_ x: UnsafeBufferPointer<Float>, at index: Int) -> Double {
+    Double(x[index]) - logSumExp(x)
+}
+
+/// log(sum(exp(x))), in float64 and without overflow.
+public func logSumExp(_ x: UnsafeBufferPointer<Float>) -> Double {
     var m = -Double.infinity
     for v in x { m = max(m, Double(v)) }
     var total = 0.0
     for v in x { total += exp(Double(v) - m) }
-    return Double(x[index]) - m - log(total)
+    return m + log(total)
 }

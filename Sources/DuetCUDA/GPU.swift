@@ -3,22 +3,40 @@ import Glibc
 #endif
 import DuetFormats
 import Foundation
+import Synchronization
 
 /// Bytes Duet may allocate on the GPU (`--gpu-memory`), tracked by category (weights, KV
 /// cache, workspace): an allocation past the limit is an error the caller handles (keeping
 /// those weights on the CPU), never a crash.
-public final class GPUMemoryBudget: @unchecked Sendable {
+/// Read from any thread (metrics); changed by the thread that runs the model.
+public final class GPUMemoryBudget: Sendable {
     public let limit: Int
-    public private(set) var used: [String: Int] = [:]
+    private struct State { var used: [String: Int] = [:]; var total = 0; var peak = 0 }
+    private let state = Mutex(State())
     public init(limit: Int) { self.limit = limit }
-    public var total: Int { used.values.reduce(0, +) }
+    /// Bytes in use by category.
+    public var used: [String: Int] { state.withLock { $0.used } }
+    public var total: Int { state.withLock { $0.total } }
+    /// The most ever in use at once.
+    public var peak: Int { state.withLock { $0.peak } }
 
     func reserve(_ bytes: Int, _ category: String) throws(CUDAError) {
-        guard total + bytes <= limit else { throw .overBudget(category: category, bytes: bytes, used: total, limit: limit) }
-        used[category, default: 0] += bytes
+        let refused: Int? = state.withLock { s in
+            guard s.total + bytes <= limit else { return s.total }
+            s.used[category, default: 0] += bytes
+            s.total += bytes
+            s.peak = max(s.peak, s.total)
+            return nil
+        }
+        if let used = refused { throw .overBudget(category: category, bytes: bytes, used: used, limit: limit) }
     }
 
-    func release(_ bytes: Int, _ category: String) { used[category, default: 0] -= bytes }
+    func release(_ bytes: Int, _ category: String) {
+        state.withLock { s in
+            s.used[category, default: 0] -= bytes
+            s.total -= bytes
+        }
+    }
 }
 
 /// Device memory, freed (and returned to the budget) when released.

@@ -18,6 +18,8 @@ public final class GPULanguageModel: LanguageModel {
     public var eosTokenIds: [Int] { cpuModel.eosTokenIds }
     public var bosTokenId: Int? { cpuModel.bosTokenId }
     public var summary: ModelSummary { cpuModel.summary }
+    public var maxBatchItems: Int? { 1 }
+    public var expertUsage: ExpertUsage { gpuModel.expertUsage }
     public func makeCache() -> KVCache { cpuModel.makeCache() }
     public func makeCachePool(memoryLimit: Int?, blockSize: Int) -> KVBlockPool { cpuModel.makeCachePool(memoryLimit: memoryLimit, blockSize: blockSize) }
 

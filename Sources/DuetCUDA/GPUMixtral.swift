@@ -13,6 +13,8 @@ public final class GPUMixtral {
     /// The device the model lives on.
     public var device: GPU { gpu }
     let ops: GPUOps
+    /// Expert work done so far (all of it on the GPU here).
+    public let expertUsage = ExpertUsage()
 
     /// A matrix on the device in its stored dtype.
     struct Matrix {
@@ -125,6 +127,9 @@ public final class GPUMixtral {
     /// expert over its tokens: gather rows, gate/up, SiLU-multiply, down, weighted scatter-add.
     private func experts(_ h: DeviceBuffer, layer: Layer, routerLogits: DeviceBuffer, into out: DeviceBuffer, tokens T: Int) throws(CUDAError) {
         let c = config, D = c.hiddenSize, F = c.intermediateSize, k = c.numExpertsPerToken
+        // Host time to route, issue and (through the next synchronous copy) wait for the experts.
+        let start = ContinuousClock.now
+        defer { expertUsage.addGPU(tokenExperts: T * k, seconds: secondsSince(start)) }
         let ids = try gpu.allocate(T * k * 4, category: "workspace"), weights = try gpu.allocate(T * k * 4, category: "workspace")
         try ops.routeTopK(routerLogits, experts: ids, weights: weights, tokens: T, experts: c.numLocalExperts, k: k)
         let chosen = try gpu.download(ids, count: T * k, as: Int32.self, zero: 0)

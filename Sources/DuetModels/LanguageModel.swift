@@ -46,6 +46,16 @@ public protocol LanguageModel: AnyObject {
 
     /// One forward step for several sequences at once (see MixtralModel.forwardBatch).
     func forwardBatch(_ items: [BatchItem], allLogits: Bool) throws(ModelError) -> [[Float]]
+
+    /// Most sequences one `forwardBatch` takes (nil: no limit).
+    var maxBatchItems: Int? { get }
+
+    /// Where expert work ran so far (hit rate, CPU and GPU expert time).
+    var expertUsage: ExpertUsage { get }
+}
+
+extension LanguageModel {
+    public var maxBatchItems: Int? { nil }
 }
 
 /// One sequence's tokens for a batched step, and its cache.

@@ -187,6 +187,8 @@ public final class MixtralModel: LanguageModel {
     /// Sees every layer's routing decisions (layer, one choice per token): popularity
     /// profiles and tests.
     public var routingObserver: ((Int, [ExpertChoice]) -> Void)?
+    /// Expert work done so far (all of it on the CPU here).
+    public let expertUsage = ExpertUsage()
 
     /// Opens `directory` (config.json, safetensors, optional generation_config.json) and
     /// checks every tensor's name and shape; tensor data stays on disk until used.
@@ -366,6 +368,8 @@ public final class MixtralModel: LanguageModel {
             for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append((t, w)) }
         }
         var out = [Float](repeating: 0, count: T * D)  // [T, D]
+        let start = ContinuousClock.now
+        defer { expertUsage.addCPU(tokenExperts: T * c.numExpertsPerToken, seconds: secondsSince(start)) }
         for e in 0..<E where !assigned[e].isEmpty {
             let rows = assigned[e]
             var xs = [Float](repeating: 0, count: rows.count * D)  // [Te, D]

@@ -64,7 +64,7 @@ struct EngineOptions: ParsableArguments {
     /// The model directory to use, saying so when it is the built-in one.
     func modelDirectory() throws -> String {
         if let model { return model }
-        if let env = getenv("DUET_MODEL").map({ String(cString: $0) }), !env.isEmpty { return env }
+        if let env = environment("DUET_MODEL") { return env }
         guard let found = DemoModel.locate() else {
             throw CLIError("no --model given, DUET_MODEL is not set and the built-in demo model was not found "
                 + "(looked in: \(DemoModel.searchPaths().joined(separator: ", ")))")
