@@ -3,6 +3,18 @@ import DuetTokenizer
 // The OpenAI API's request and response bodies, as far as Duet implements them. Field names
 // are the API's (snake_case on the wire). Unknown fields are ignored, as OpenAI does.
 
+/// An integer field. Foundation's decoder reports 1.5 for an Int as corrupt JSON with no
+/// field name; this reports it as a type mismatch at the field.
+struct Integer: Decodable {
+    var value: Int
+    init(from decoder: any Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if let i = try? c.decode(Int.self) { value = i; return }
+        if let d = try? c.decode(Double.self), let i = Int(exactly: d) { value = i; return }
+        throw DecodingError.typeMismatch(Int.self, .init(codingPath: decoder.codingPath, debugDescription: "expected an integer"))
+    }
+}
+
 /// `stop`: one string or a list of up to 4.
 struct StopSequences: Decodable {
     var values: [String]
@@ -39,26 +51,33 @@ protocol SamplingRequest {
 struct ChatCompletionRequest: Decodable, SamplingRequest {
     var model: String
     var messages: [ChatMessage]
-    var maxTokens: Int?
-    var maxCompletionTokens: Int?
+    var maxTokensField: Integer?
+    var maxTokens: Int? { maxTokensField?.value }
+    var maxCompletionTokensField: Integer?
+    var maxCompletionTokens: Int? { maxCompletionTokensField?.value }
     var temperature: Double?
     var topP: Double?
-    var topK: Int?
-    var n: Int?
+    var topKField: Integer?
+    var topK: Int? { topKField?.value }
+    var nField: Integer?
+    var n: Int? { nField?.value }
     var stream: Bool?
     var streamOptions: StreamOptions?
     var stop: StopSequences?
-    var seed: Int?
+    var seedField: Integer?
+    var seed: Int? { seedField?.value }
     var logprobs: Bool?
-    var topLogprobs: Int?
+    var topLogprobsField: Integer?
+    var topLogprobs: Int? { topLogprobsField?.value }
     var presencePenalty: Double?
     var frequencyPenalty: Double?
     var tools: JSONValue?
 
     enum CodingKeys: String, CodingKey {
-        case model, messages, temperature, n, stream, stop, seed, logprobs, tools
-        case maxTokens = "max_tokens", maxCompletionTokens = "max_completion_tokens", topP = "top_p", topK = "top_k"
-        case streamOptions = "stream_options", topLogprobs = "top_logprobs"
+        case model, messages, temperature, stream, stop, logprobs, tools
+        case nField = "n", seedField = "seed"
+        case maxTokensField = "max_tokens", maxCompletionTokensField = "max_completion_tokens", topP = "top_p", topKField = "top_k"
+        case streamOptions = "stream_options", topLogprobsField = "top_logprobs"
         case presencePenalty = "presence_penalty", frequencyPenalty = "frequency_penalty"
     }
 }
@@ -90,26 +109,33 @@ enum MessageContent: Decodable {
 struct CompletionRequest: Decodable, SamplingRequest {
     var model: String
     var prompt: PromptInput
-    var maxTokens: Int?
+    var maxTokensField: Integer?
+    var maxTokens: Int? { maxTokensField?.value }
     var temperature: Double?
     var topP: Double?
-    var topK: Int?
-    var n: Int?
+    var topKField: Integer?
+    var topK: Int? { topKField?.value }
+    var nField: Integer?
+    var n: Int? { nField?.value }
     var stream: Bool?
     var streamOptions: StreamOptions?
     var stop: StopSequences?
-    var seed: Int?
-    var logprobs: Int?
+    var seedField: Integer?
+    var seed: Int? { seedField?.value }
+    var logprobsField: Integer?
+    var logprobs: Int? { logprobsField?.value }
     var echo: Bool?
     var suffix: String?
-    var bestOf: Int?
+    var bestOfField: Integer?
+    var bestOf: Int? { bestOfField?.value }
     var presencePenalty: Double?
     var frequencyPenalty: Double?
 
     enum CodingKeys: String, CodingKey {
-        case model, prompt, temperature, n, stream, stop, seed, logprobs, echo, suffix
-        case maxTokens = "max_tokens", topP = "top_p", topK = "top_k", streamOptions = "stream_options"
-        case bestOf = "best_of", presencePenalty = "presence_penalty", frequencyPenalty = "frequency_penalty"
+        case model, prompt, temperature, stream, stop, echo, suffix
+        case nField = "n", seedField = "seed", logprobsField = "logprobs"
+        case maxTokensField = "max_tokens", topP = "top_p", topKField = "top_k", streamOptions = "stream_options"
+        case bestOfField = "best_of", presencePenalty = "presence_penalty", frequencyPenalty = "frequency_penalty"
     }
 }
 

@@ -108,3 +108,76 @@ import Testing
         #expect(compared >= 20)
     }
 }
+
+@Suite(.serialized) struct ContinuousBatcherTests {
+    let model: MixtralModel
+    init() throws { model = try MixtralModel(directory: fixture("mixtral-tiny-b"), kernels: .reference()) }
+
+    /// A cancelled sequence gives its KV blocks back before the next step, and the others
+    /// go on to the outputs they have alone.
+    @Test func cancellingFreesBlocksAndLeavesOthersAlone() throws {
+        let batcher = ContinuousBatcher(model: model, maxSequences: 4, cacheMemoryLimit: nil)
+        let keep = BatchRequest(id: "keep", prompt: [1, 600, 2, 33], options: GenerationOptions(maxTokens: 10, stopTokenIds: []))
+        let drop = BatchRequest(id: "drop", prompt: [Int32](repeating: 9, count: 40), options: GenerationOptions(maxTokens: 50, stopTokenIds: []))
+        batcher.enqueue(keep)
+        batcher.enqueue(drop)
+        var tokens: [String: [Int32]] = [:]
+        var finished: [String] = []
+        func step() throws {
+            try batcher.step { r, e in
+                if case .token(let id, _) = e { tokens[r.id, default: []].append(id) }
+                if case .finished = e { finished.append(r.id) }
+            }
+        }
+        try step()
+        try step()
+        let inUse = batcher.pool.blocksInUse
+        batcher.cancel(id: "drop")
+        #expect(batcher.pool.blocksInUse == inUse - 3)  // 40 + 2 positions = 3 blocks of 16
+        #expect(batcher.activeCount == 1)
+        while !batcher.isIdle { try step() }
+        #expect(finished == ["keep"])
+        #expect(tokens["drop"]?.count == 2)
+        #expect(tokens["keep"] == (try generate(model: model, prompt: keep.prompt, options: keep.options)).ids)
+        #expect(batcher.pool.blocksInUse == 0)
+    }
+
+    /// A request that can never fit the cache fails alone; the queue behind it runs.
+    @Test func aRequestThatCannotFitFailsWithoutBlockingTheQueue() throws {
+        let batcher = ContinuousBatcher(model: model, maxSequences: 2, cacheMemoryLimit: 2 * (3 * 2 * 16 * 2 * 32 * 4))  // two blocks
+        batcher.enqueue(BatchRequest(id: "huge", prompt: [Int32](repeating: 3, count: 40), options: GenerationOptions(maxTokens: 4)))
+        batcher.enqueue(BatchRequest(id: "small", prompt: [1, 5], options: GenerationOptions(maxTokens: 3, stopTokenIds: [])))
+        var events: [String] = []
+        while !batcher.isIdle {
+            try batcher.step { r, e in
+                switch e {
+                case .failed(let error): events.append("\(r.id) failed: \(error)")
+                case .finished(let result): events.append("\(r.id) finished \(result.ids.count)")
+                case .token: break
+                }
+            }
+        }
+        #expect(events.count == 2)
+        #expect(events.first?.hasPrefix("huge failed: prompt 'huge' (40 tokens + 4 to generate) does not fit") == true)
+        #expect(events.last == "small finished 3")
+    }
+
+    /// Reported log-probabilities are the model's: the top alternatives in order, the
+    /// sampled (greedy) token first, each equal to log-softmax of the logits.
+    @Test func logprobsAreLogSoftmaxOfTheLogits() throws {
+        let prompt: [Int32] = [1, 600, 2, 33]
+        let logits = try model.forward(prompt, cache: model.makeCache(), allLogits: false)
+        let batcher = ContinuousBatcher(model: model, maxSequences: 1, cacheMemoryLimit: nil)
+        batcher.enqueue(BatchRequest(id: "a", prompt: prompt, options: GenerationOptions(maxTokens: 1, stopTokenIds: []), topLogprobs: 4))
+        var reported: TokenLogprob?
+        try batcher.step { _, e in if case .token(_, let lp) = e { reported = lp } }
+        let lp = try #require(reported)
+        let order = logits.indices.sorted { logits[$0] > logits[$1] }.prefix(4).map(Int32.init)
+        #expect(lp.top.map(\.id) == order)
+        for alt in lp.top {
+            let expected = logits.withUnsafeBufferPointer { logSoftmax($0, at: Int(alt.id)) }
+            #expect(abs(alt.logprob - expected) < 1e-9)
+        }
+        #expect(lp.logprob == lp.top[0].logprob)
+    }
+}
