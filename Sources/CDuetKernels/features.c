@@ -13,11 +13,12 @@ static uint32_t detect(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0;  // OSXSAVE
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    unsigned b7 = b, d7 = d;
+    unsigned b7 = b, c7 = c, d7 = d;
     uint32_t f = 0;
     uint64_t xcr0 = xgetbv0();
     int avx512 = ((b7 >> 16) & 1) && ((b7 >> 30) & 1) && ((b7 >> 31) & 1);  // F, BW, VL
     if (avx512 && (xcr0 & 0xE6) == 0xE6) f |= DUET_CPU_AVX512;
+    if ((f & DUET_CPU_AVX512) && ((c7 >> 11) & 1)) f |= DUET_CPU_AVX512_VNNI;
     if ((f & DUET_CPU_AVX512) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1)) f |= DUET_CPU_AVX512_BF16;
     if ((f & DUET_CPU_AVX512) && ((d7 >> 24) & 1) && ((d7 >> 22) & 1)) {
         // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).

@@ -10,6 +10,7 @@
 #define DUET_CPU_AVX512 1u      // AVX-512 F + BW + VL, enabled by the OS
 #define DUET_CPU_AVX512_BF16 2u
 #define DUET_CPU_AMX_BF16 4u    // AMX-TILE + AMX-BF16 in CPUID, OS-enabled, permission granted
+#define DUET_CPU_AVX512_VNNI 8u // vpdpbusd on 512-bit registers
 
 /// Features this CPU and OS offer (AMX permission is requested once, here).
 uint32_t duet_cpu_features(void);
@@ -42,6 +43,21 @@ void duet_matmul_bf16_amx(const uint16_t *W, size_t ldw, size_t K, const uint16_
 /// h[t][r] = silu(W1.x) * (W3.x) with AMX.
 void duet_gate_up_bf16_amx(const uint16_t *W1, const uint16_t *W3, size_t ldw, size_t K, const uint16_t *xp,
                            size_t T, float *h, size_t ldh, size_t r0, size_t r1);
+
+/// Quantized weights (q8, q4), packed by quantize.swift in blocks of 16 rows x 32 k (one
+/// "group": one f16 scale per row and group, symmetric, stored with an offset so they are
+/// unsigned: q8 byte = q + 128, q4 nibble = q + 8):
+///   q8: W[rb][g][j][r][i] = row 16rb + r, k = 32g + 4j + i          (512 bytes per block)
+///   q4: W[rb][g][j][r][i] low nibble: k = 32g + 8j + i, high: +4     (256 bytes per block)
+///   scales[rb][g][r] (f16 bits), rb < Np/16, g < Kp/32 (rows and k zero-padded).
+/// Activations are quantized per token and group: xq[t][Kp] int8, xs[t][g] its scale, and
+/// xc[t][g] = xs * offset * sum(xq over the group), the offset's correction (offset 128 for
+/// q8, 8 for q4), so y = sum_g ws * (xs * dot(wu, xq) - xc).
+/// y[t][16rb + r] for row blocks [rb0, rb1), rows < N written; y has row stride ldy.
+void duet_matmul_q8_vnni(const uint8_t *W, const uint16_t *scales, size_t Kp, const int8_t *xq, const float *xs,
+                         const float *xc, size_t T, float *y, size_t ldy, size_t N, size_t rb0, size_t rb1);
+void duet_matmul_q4_vnni(const uint8_t *W, const uint16_t *scales, size_t Kp, const int8_t *xq, const float *xs,
+                         const float *xc, size_t T, float *y, size_t ldy, size_t N, size_t rb0, size_t rb1);
 
 /// Reads [p, p + bytes) (64-byte aligned) with AVX-512 loads in `streams` (4, 8 or 16)
 /// independent streams, each a contiguous slice; returns a value that depends on every byte
