@@ -25,35 +25,10 @@ import transformers
 from tokenizers import Tokenizer
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from kjv import chapters, held_out
+
 PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are the"]
 GOLDEN_TOKENS = 64
-
-
-def chapters(path):
-    """The KJV dump -> [(book chapter, text)], verses joined with single spaces."""
-    out, title, verses, current = [], None, [], None
-    for line in open(path, encoding="utf-8"):
-        line = line.rstrip("\n")
-        m = re.match(r"^\s+(\d+) (.*)$", line)
-        if m:
-            if current is not None:
-                verses.append(current)
-            current = m.group(2).strip()
-        elif line.strip() == "":
-            continue
-        elif re.match(r"^\S.* \d+$", line):
-            if current is not None:
-                verses.append(current)
-            if title is not None and verses:
-                out.append((title, " ".join(verses)))
-            title, verses, current = line.strip(), [], None
-        elif current is not None:
-            current += " " + line.strip()
-    if current is not None:
-        verses.append(current)
-    if title is not None and verses:
-        out.append((title, " ".join(verses)))
-    return out
 
 
 def windows(docs, tok, seq):
@@ -142,7 +117,7 @@ def main():
     tok = Tokenizer.from_file(a.tokenizer)
     docs = chapters(a.corpus)
     train_docs = [d for i, d in enumerate(docs) if i % 20 != 7]
-    held_docs = [d for i, d in enumerate(docs) if i % 20 == 7]
+    held_docs = held_out(docs)
     train, n_train = windows(train_docs, tok, a.seq)
     held, n_held = windows(held_docs, tok, a.seq)
     print(f"{len(docs)} chapters; train {n_train} tokens ({len(train)} windows), held-out {n_held} tokens; {time.time() - start:.1f}s")

@@ -70,3 +70,17 @@ KERNEL void duet_matmul_q4_vnni(const uint8_t *W, const uint16_t *scales, size_t
             })
     }
 }
+
+KERNEL double duet_peak_vnni(size_t iterations) {
+    __m512i acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_set1_epi32(i);
+    __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
+    for (size_t it = 0; it < iterations; it++) {
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+        __asm__ volatile("" : "+v"(a));  // keep the loop from being folded
+    }
+    int sink = 0;
+    for (int i = 0; i < 16; i++) sink += _mm512_reduce_add_epi32(acc[i]);
+    __asm__ volatile("" ::"r"(sink));
+    return (double)iterations * 16 * 64 * 2;
+}

@@ -156,6 +156,8 @@ public struct MixtralExpert: Sendable {
     public let gate: WeightMatrix  // w1 [F, D]
     public let up: WeightMatrix    // w3 [F, D]
     public let down: WeightMatrix  // w2 [D, F]
+    /// The same weights quantized (`--expert-dtype q8|q4`); when set, the CPU computes with these.
+    public var quantized: QuantizedExpert?
 }
 
 /// One decoder layer's weights.
@@ -167,7 +169,7 @@ public struct MixtralLayer: Sendable {
     public let o: WeightMatrix             // [D, H * d]
     public let postAttentionNorm: [Float]  // [D]
     public let router: WeightMatrix        // [E, D]
-    public let experts: [MixtralExpert]    // (E)
+    public var experts: [MixtralExpert]    // (E)
 }
 
 // MARK: - Model
@@ -179,7 +181,7 @@ public final class MixtralModel: LanguageModel {
     public let weights: any WeightSource
     public let kernels: CPUKernels
     public let embed: WeightMatrix   // [V, D]
-    public let layers: [MixtralLayer]
+    public private(set) var layers: [MixtralLayer]
     public let norm: [Float]         // [D]
     public let lmHead: WeightMatrix  // [V, D]; the embedding when tied
     public let rope: Rope
@@ -382,12 +384,23 @@ public final class MixtralModel: LanguageModel {
         return out
     }
 
-    /// SwiGLU expert: `w2(silu(w1 x) * w3 x)`. x `[Te, D]` -> `[Te, D]`
+    /// SwiGLU expert: `w2(silu(w1 x) * w3 x)`, on its quantized weights when it has them. x `[Te, D]` -> `[Te, D]`
     private func expertFFN(_ x: [Float], _ expert: MixtralExpert, tokens T: Int) -> [Float] {
         var y = [Float](repeating: 0, count: T * config.hiddenSize)
-        kernels.expertFFN(x, gate: expert.gate, up: expert.up, down: expert.down, &y, tokens: T)
+        if let q = expert.quantized {
+            kernels.expertFFN(x, q, &y, tokens: T)
+        } else {
+            kernels.expertFFN(x, gate: expert.gate, up: expert.up, down: expert.down, &y, tokens: T)
+        }
         return y
     }
+
+    func setQuantized(_ q: QuantizedExpert?, layer l: Int, expert e: Int) {
+        layers[l].experts[e].quantized = q
+    }
+
+    /// The format the experts are quantized to (nil: stored dtype).
+    public var expertFormat: QuantFormat? { layers.first?.experts.first?.quantized?.gate.format }
 
     // MARK: summary
 
@@ -420,12 +433,16 @@ public final class MixtralModel: LanguageModel {
 }
 
 extension MixtralModel {
-    /// Active weights at their stored size, minus the embedding table unless the lm_head is it.
+    /// Active weights at their stored size, minus the embedding table unless the lm_head is
+    /// it; quantized experts at their quantized size.
     func decodeBytes(total: Int, inactive: Int) -> Int {
         let bytes = weights.bytesByDType().values.reduce(0, +)
         let perParameter = Double(bytes) / Double(max(total, 1))
         let embedding = config.tieWordEmbeddings ? 0 : config.vocabSize * config.hiddenSize
-        return Int(Double(total - inactive - embedding) * perParameter)
+        let stored = Int(Double(total - inactive - embedding) * perParameter)
+        guard let q = layers.first?.experts.first?.quantized else { return stored }
+        let active = config.numHiddenLayers * config.numExpertsPerToken
+        return stored - Int(Double(active * config.parametersPerExpert) * perParameter) + active * q.byteCount
     }
 }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CDuetKernels
 import DuetCPU
 import DuetCUDA
 import DuetCore
@@ -83,8 +84,14 @@ struct BenchKernels: ParsableCommand {
     var memoryGib: Double = 4
     @Option(name: .long, help: "Parallel tasks per thread in each matmul.")
     var tasksPerThread = 4
+    @Option(name: .long, parsing: .upToNextOption, help: "Weight formats: bf16, q8, q4 (quantized rows run the VNNI and portable integer paths).")
+    var dtypes: [String] = ["bf16", "q8", "q4"]
     @Flag(name: .long, help: "Print only JSON rows.")
     var json = false
+
+    func validate() throws {
+        for d in dtypes where d != "bf16" && QuantFormat(rawValue: d) == nil { throw ValidationError("--dtypes takes bf16, q8 and q4, got '\(d)'") }
+    }
 
     func run() throws {
         let pool = ThreadPool(threads: threads ?? ThreadPool.availableCores)
@@ -102,10 +109,10 @@ struct BenchKernels: ParsableCommand {
         let bytes = Double(3 * D * F * 2)
         if !json {
             Console.out("bandwidth \(fixed(bandwidth / 1e9, 1)) GB/s, \(pool.threadCount) threads, CPU: \(features)\n")
-            Console.out("path      T      ms     GB/s   GFLOP/s  fraction (bound)\n")
+            Console.out("dtype path      T      ms     GB/s   GFLOP/s  fraction (bound)\n")
         }
         var rows: [KernelRow] = []
-        for path in chosen {
+        for path in chosen where dtypes.contains("bf16") {
             var kernels = try CPUKernels(path, pool: pool)
             kernels.tasksPerThread = tasksPerThread
             let peak = kernels.measuredPeakFlops() ?? peakFlops(kernels, D: D)
@@ -123,22 +130,24 @@ struct BenchKernels: ParsableCommand {
                     calls += 1
                 } while secondsSince(start) < minSeconds || calls < 3
                 let seconds = secondsSince(start) / Double(calls)
-                rows.append(KernelRow(path: path.rawValue, tokens: T, ms: seconds * 1e3, gbps: bytes / seconds / 1e9,
+                rows.append(KernelRow(path: path.rawValue, tokens: T, bytes: bytes, ms: seconds * 1e3, gbps: bytes / seconds / 1e9,
                                       gflops: 2 * 3 * Double(D * F * T) / seconds / 1e9, fraction: 0, bound: "",
                                       peakGflops: peak / 1e9, bandwidthGbps: 0, threads: pool.threadCount))
                 T *= 2
             }
         }
+        rows += try quantizedRows(set, pool: pool, D: D, F: F)
         bandwidth = max(bandwidth, try measuredBandwidth(pool: pool, gib: memoryGib))
         for var row in rows {
             // Roofline: the time the row cannot beat is max(bytes / bandwidth, flops / peak).
-            let memoryTime = bytes / bandwidth, computeTime = row.gflops * row.ms * 1e-3 * 1e9 / (row.peakGflops * 1e9)
+            let bytes = row.bytes
+            let memoryTime = bytes / bandwidth, computeTime = row.peakGflops > 0 ? row.gflops / row.peakGflops * row.ms * 1e-3 : 0
             row.fraction = max(memoryTime, computeTime) / (row.ms * 1e-3)
             row.bound = memoryTime >= computeTime ? "memory" : "compute"
             row.bandwidthGbps = bandwidth / 1e9
             try Console.json(row)
             if !json {
-                Console.out("\(row.path.padding(9)) \(String(row.tokens).padding(5)) \(fixed(row.ms, 2).padding(7)) \(fixed(row.gbps, 1).padding(7)) \(fixed(row.gflops, 0).padding(9)) \(fixed(row.fraction, 2)) (\(row.bound), peak \(fixed(row.peakGflops, 0)) GFLOP/s)\n")
+                Console.out("\(row.dtype.padding(5)) \(row.path.padding(9)) \(String(row.tokens).padding(5)) \(fixed(row.ms, 2).padding(7)) \(fixed(row.gbps, 1).padding(7)) \(fixed(row.gflops, 0).padding(9)) \(fixed(row.fraction, 2)) (\(row.bound), peak \(fixed(row.peakGflops, 0)) GFLOP/s)\n")
             }
         }
         if !json { Console.out("bandwidth after the rows \(fixed(bandwidth / 1e9, 1)) GB/s (the higher reading is used)\n") }
@@ -161,11 +170,75 @@ struct BenchKernels: ParsableCommand {
         return 2 * Double(rows * D * T) * Double(calls) / secondsSince(start)
     }
 
+    /// q8 and q4 rows: the same experts quantized, on the VNNI path (where the CPU has it)
+    /// and the portable integer path. Bytes counted: packed levels and scales.
+    private func quantizedRows(_ set: [(gate: WeightMatrix, up: WeightMatrix, down: WeightMatrix)], pool: ThreadPool, D: Int, F: Int) throws -> [KernelRow] {
+        var rows: [KernelRow] = []
+        for format in QuantFormat.allCases where dtypes.contains(format.rawValue) {
+            let start = ContinuousClock.now
+            let experts = UnsafeMutableBufferPointer<QuantizedExpert?>.allocate(capacity: set.count)
+            experts.initialize(repeating: nil)
+            defer { experts.deallocate() }
+            let pe = Unchecked(experts.baseAddress!)
+            pool.parallelFor(set.count) { e in
+                pe.value[e] = QuantizedExpert(gate: QuantizedMatrix(quantizing: set[e].gate, format: format),
+                                              up: QuantizedMatrix(quantizing: set[e].up, format: format),
+                                              down: QuantizedMatrix(quantizing: set[e].down, format: format))
+            }
+            let quantized = experts.map { $0! }
+            if !json { Console.out("quantized \(set.count) experts to \(format.rawValue) in \(fixed(secondsSince(start), 2)) s\n") }
+            let bytes = Double(quantized[0].byteCount)
+            let paths: [KernelPath] = (CPUFeatures.hasVNNI ? [.avx512] : []) + [.portable]
+            for path in paths {
+                var kernels = try CPUKernels(path, pool: pool)
+                kernels.tasksPerThread = tasksPerThread
+                let name = path == .avx512 ? "vnni" : "portable"
+                let peak = path == .avx512 ? measuredVNNIPeak(pool) : 0  // 0: not measured, memory bound only
+                var T = 1
+                while T <= maxTokens {
+                    if path == .portable && T > 4 { break }  // minutes per row beyond this
+                    let x = KernelSelfTest.random(T * D, seed: UInt64(T))
+                    var y = [Float](repeating: 0, count: T * D)
+                    kernels.expertFFN(x, quantized[0], &y, tokens: T)  // warm-up
+                    var calls = 0
+                    let start = ContinuousClock.now
+                    repeat {
+                        kernels.expertFFN(x, quantized[calls % quantized.count], &y, tokens: T)
+                        calls += 1
+                    } while secondsSince(start) < minSeconds || calls < 3
+                    let seconds = secondsSince(start) / Double(calls)
+                    rows.append(KernelRow(dtype: format.rawValue, path: name, tokens: T, bytes: bytes, ms: seconds * 1e3,
+                                          gbps: bytes / seconds / 1e9, gflops: 2 * 3 * Double(D * F * T) / seconds / 1e9,
+                                          fraction: 0, bound: "", peakGflops: peak / 1e9, bandwidthGbps: 0, threads: pool.threadCount))
+                    T *= 2
+                }
+            }
+        }
+        return rows
+    }
+
+    /// vpdpbusd throughput with every thread in a register-only loop (2 int8 ops per multiply-add).
+    private func measuredVNNIPeak(_ pool: ThreadPool) -> Double {
+        let ops = UnsafeMutablePointer<Double>.allocate(capacity: pool.threadCount)
+        defer { ops.deallocate() }
+        let po = Unchecked(ops)
+        var iterations = 1 << 14
+        while true {
+            let start = ContinuousClock.now
+            pool.parallelFor(pool.threadCount) { t in po.value[t] = duet_peak_vnni(iterations) }
+            let elapsed = secondsSince(start)
+            if elapsed >= 0.2 { return (0..<pool.threadCount).reduce(0) { $0 + ops[$1] } / elapsed }
+            iterations *= 2
+        }
+    }
+
     struct KernelRow: Encodable {
         var bench = "kernels"
         var dtype = "bf16"
         var path: String
         var tokens: Int
+        /// Weight bytes one call reads (levels and scales for q8/q4).
+        var bytes: Double
         var ms: Double
         var gbps: Double
         var gflops: Double
@@ -175,7 +248,7 @@ struct BenchKernels: ParsableCommand {
         var bandwidthGbps: Double
         var threads: Int
         enum CodingKeys: String, CodingKey {
-            case bench, dtype, path, tokens, ms, gbps, gflops, fraction, bound, threads
+            case bench, dtype, path, tokens, bytes, ms, gbps, gflops, fraction, bound, threads
             case peakGflops = "path_peak_gflops", bandwidthGbps = "bandwidth_gbps"
         }
     }
@@ -317,7 +390,7 @@ struct BenchBatch: ParsableCommand {
         let (loaded, _, _) = try engine.load()
         guard let model = loaded as? MixtralModel else { throw CLIError("bench batch needs a Mixtral-family model") }
         let c = model.config
-        let expertBytes = Double(c.parametersPerExpert * 2)  // bf16
+        let expertBytes = Double(model.layers[0].experts[0].quantized?.byteCount ?? c.parametersPerExpert * 2)  // bf16 or quantized
         let nonExpertBytes = Double(model.summary.decodeBytesPerToken) - Double(c.numHiddenLayers * c.numExpertsPerToken) * expertBytes
         // Distinct experts per layer in each decode step (steps have at most `width` tokens).
         var distinct = 0, stepsSeen = 0, limit = 0

@@ -17,6 +17,12 @@ enum Strategy: String, ExpressibleByArgument, CaseIterable {
 
 extension KernelPath: ExpressibleByArgument {}
 
+/// `--expert-dtype`.
+enum ExpertDType: String, ExpressibleByArgument, CaseIterable {
+    case stored, q8, q4
+    var format: QuantFormat? { QuantFormat(rawValue: rawValue) }
+}
+
 /// Options every verb that runs a model shares.
 struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "Hugging Face checkpoint directory (config.json + safetensors [+ tokenizer.json]). Default: $DUET_MODEL, else the built-in demo model.")
@@ -43,6 +49,12 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "Where experts run: cpu-only, or gpu-only (the whole model on the GPU, one sequence); fiddler, gpu-swap and layer-split are not built yet.")
     var strategy: Strategy = .cpuOnly
 
+    @Option(name: .long, help: "Expert weights: stored (as in the checkpoint), q8 (int8, 8.5 bits per weight) or q4 (int4, 4.5 bits), quantized at load.")
+    var expertDtype: ExpertDType = .stored
+
+    @Option(name: .long, help: "Where quantized experts are cached between starts ('none' to turn off). Default: $DUET_CACHE/quantized, else ~/.cache/duet/quantized.")
+    var quantCache: String?
+
     @Option(name: .long, help: "With a GPU strategy: GPU memory Duet may use, e.g. 24GiB or 800MiB (default: the free memory).")
     var gpuMemory: String?
 
@@ -52,6 +64,9 @@ struct EngineOptions: ParsableArguments {
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if strategy != .cpuOnly && strategy != .gpuOnly {
             throw ValidationError("--strategy \(strategy.rawValue) is not built yet; use cpu-only or gpu-only")
+        }
+        if expertDtype != .stored && strategy == .gpuOnly {
+            throw ValidationError("--expert-dtype \(expertDtype.rawValue) runs on the CPU; quantized experts on the GPU are not built yet")
         }
         if let gpuMemory, parseByteSize(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, 800MiB or 1073741824, got '\(gpuMemory)'") }
     }
@@ -85,6 +100,12 @@ struct EngineOptions: ParsableArguments {
         } else {
             directory = try resolved ?? modelDirectory()
             model = try ModelRegistry.load(directory: directory!, kernels: kernels)
+        }
+        if let format = expertDtype.format {
+            guard let mixtral = model as? MixtralModel else { throw CLIError("--expert-dtype supports Mixtral-family models") }
+            let report = try mixtral.quantizeExperts(format, cacheDirectory: quantCache == "none" ? nil : quantCache ?? QuantizedExpertCache.defaultDirectory())
+            Console.err("experts \(report.fromCache ? "mapped from" : "quantized to") \(format.rawValue) (\(report.experts) experts, "
+                + "\(report.bytes >> 20) MiB) in \(fixed(report.seconds, 2)) s\(report.cachePath.map { report.fromCache ? " (\($0))" : ", cached in \($0)" } ?? "")\n")
         }
         if strategy == .gpuOnly {
             guard let mixtral = model as? MixtralModel else { throw CLIError("--strategy gpu-only supports Mixtral-family models") }

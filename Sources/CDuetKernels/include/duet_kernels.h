@@ -77,5 +77,7 @@ int64_t duet_atomic_fetch_add(int64_t *p, int64_t v);
 /// independent fp32 FMA chains; AMX: four tdpbf16ps per iteration on resident tiles.
 double duet_peak_avx512(size_t iterations);
 double duet_peak_amx(size_t iterations);
+/// VNNI: 16 independent vpdpbusd chains; returns int8 ops (2 per multiply-add).
+double duet_peak_vnni(size_t iterations);
 
 #endif
