@@ -148,6 +148,7 @@ public final class GPU: @unchecked Sendable {
 
     public func upload(_ values: [Float], category: String) throws(CUDAError) -> DeviceBuffer {
         let b = try allocate(values.count * 4, category: category)
+        synchronousCopies += 1
         let code = values.withUnsafeBytes { driver.cuMemcpyHtoD(b.pointer, $0.baseAddress!, $0.count) }
         try driver.check(code, "cuMemcpyHtoD")
         return b
@@ -156,6 +157,7 @@ public final class GPU: @unchecked Sendable {
     /// An array of plain values (bf16 bits, ids) copied to the device.
     public func upload<T: BitwiseCopyable>(array: [T], category: String) throws(CUDAError) -> DeviceBuffer {
         let b = try allocate(array.count * MemoryLayout<T>.stride, category: category)
+        synchronousCopies += 1
         let code = array.withUnsafeBytes { driver.cuMemcpyHtoD(b.pointer, $0.baseAddress!, $0.count) }
         try driver.check(code, "cuMemcpyHtoD")
         return b
@@ -163,6 +165,7 @@ public final class GPU: @unchecked Sendable {
 
     public func upload(bytes: UnsafeRawBufferPointer, category: String) throws(CUDAError) -> DeviceBuffer {
         let b = try allocate(bytes.count, category: category)
+        synchronousCopies += 1
         try driver.check(driver.cuMemcpyHtoD(b.pointer, bytes.baseAddress!, bytes.count), "cuMemcpyHtoD")
         return b
     }
@@ -170,6 +173,7 @@ public final class GPU: @unchecked Sendable {
     /// Plain values (ids) back from the device.
     public func download<T: BitwiseCopyable>(_ b: DeviceBuffer, count: Int, as: T.Type, zero: T) throws(CUDAError) -> [T] {
         var out = [T](repeating: zero, count: count)
+        synchronousCopies += 1
         let code = out.withUnsafeMutableBytes { driver.cuMemcpyDtoH($0.baseAddress!, b.pointer, $0.count) }
         try driver.check(code, "cuMemcpyDtoH")
         return out
@@ -177,6 +181,7 @@ public final class GPU: @unchecked Sendable {
 
     public func download(_ b: DeviceBuffer, count: Int) throws(CUDAError) -> [Float] {
         var out = [Float](repeating: 0, count: count)
+        synchronousCopies += 1
         let code = out.withUnsafeMutableBytes { driver.cuMemcpyDtoH($0.baseAddress!, b.pointer, $0.count) }
         try driver.check(code, "cuMemcpyDtoH")
         return out
@@ -231,8 +236,13 @@ public final class GPU: @unchecked Sendable {
     }
 
     /// Launches `function` with arguments given as pointers to their values.
+    /// Kernel launches and synchronous host<->device copies so far (benchmarks report them per token).
+    public private(set) var launches = 0
+    public private(set) var synchronousCopies = 0
+
     public func launch(_ function: OpaquePointer, grid: (UInt32, UInt32, UInt32), block: (UInt32, UInt32, UInt32),
                        sharedBytes: UInt32 = 0, arguments: [UnsafeMutableRawPointer?]) throws(CUDAError) {
+        launches += 1
         var args = arguments
         try driver.check(args.withUnsafeMutableBufferPointer {
             driver.cuLaunchKernel(function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, nil, $0.baseAddress, nil)

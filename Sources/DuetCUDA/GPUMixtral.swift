@@ -27,7 +27,14 @@ public final class GPUMixtral {
         let inputNorm, postAttentionNorm: DeviceBuffer
         let q, k, v, o, router: Matrix
         let experts: [(gate: Matrix, up: Matrix, down: Matrix)]
+        /// Device pointer tables `[E]` of the experts' w1, w3, w2 (bf16 experts only): the fused
+        /// decode path finds the chosen experts through them without a host round trip.
+        let expertTables: (gate: DeviceBuffer, up: DeviceBuffer, down: DeviceBuffer)?
     }
+
+    /// Token counts up to this run the MoE with the fused kernels (no host round trip);
+    /// larger steps (prefill) gather each expert's tokens and run it once over them.
+    public var fusedMoEMaxTokens = 4
     let embed: Matrix
     let layers: [Layer]
     let norm: DeviceBuffer
@@ -54,9 +61,15 @@ public final class GPUMixtral {
         lmHead = config.tieWordEmbeddings ? embed : try upload(model.lmHead)
         norm = try gpu.upload(model.norm, category: "weights")
         layers = try model.layers.map { (l) throws(CUDAError) -> Layer in
-            Layer(inputNorm: try gpu.upload(l.inputNorm, category: "weights"), postAttentionNorm: try gpu.upload(l.postAttentionNorm, category: "weights"),
-                  q: try upload(l.q), k: try upload(l.k), v: try upload(l.v), o: try upload(l.o), router: try upload(l.router),
-                  experts: try l.experts.map { (e) throws(CUDAError) in (try upload(e.gate), try upload(e.up), try upload(e.down)) })
+            let experts = try l.experts.map { (e) throws(CUDAError) in (gate: try upload(e.gate), up: try upload(e.up), down: try upload(e.down)) }
+            func table(_ pick: ((gate: Matrix, up: Matrix, down: Matrix)) -> Matrix) throws(CUDAError) -> DeviceBuffer {
+                try gpu.upload(array: experts.map { UInt64(pick($0).buffer.pointer) }, category: "weights")
+            }
+            let allBF16 = experts.allSatisfy { $0.gate.dtype == .bf16 && $0.up.dtype == .bf16 && $0.down.dtype == .bf16 }
+            return Layer(inputNorm: try gpu.upload(l.inputNorm, category: "weights"), postAttentionNorm: try gpu.upload(l.postAttentionNorm, category: "weights"),
+                         q: try upload(l.q), k: try upload(l.k), v: try upload(l.v), o: try upload(l.o), router: try upload(l.router),
+                         experts: experts,
+                         expertTables: allBF16 ? (try table(\.gate), try table(\.up), try table(\.down)) : nil)
         }
         inverseFrequencies = try gpu.upload(model.rope.inverseFrequencies, category: "weights")
         self.maxPositions = min(maxPositions ?? config.maxPositionEmbeddings, config.maxPositionEmbeddings)
@@ -76,8 +89,13 @@ public final class GPUMixtral {
         else { try ops.matmulF32(x, w.buffer, y, rows: w.rows, cols: w.cols, tokens: T) }
     }
 
+    /// Host time of the last `forward` until its final copy back: issuing launches and any
+    /// synchronous copies in between (when it is near the whole step, the host is the limit).
+    public private(set) var lastIssueSeconds = 0.0
+
     /// Runs `tokens` at the next positions and returns the last token's logits `[V]`.
     public func forward(_ tokens: [Int32]) throws(CUDAError) -> [Float] {
+        let issueStart = ContinuousClock.now
         let c = config, T = tokens.count, D = c.hiddenSize, H = c.numAttentionHeads, Hkv = c.numKeyValueHeads, d = c.headDim
         let start = length
         guard T > 0, start + T <= maxPositions else { throw .unavailable("sequence of \(start + T) positions exceeds the GPU cache of \(maxPositions)") }
@@ -102,16 +120,24 @@ public final class GPUMixtral {
             try ops.add(x, attn, count: T * D)
             try ops.rmsNorm(x, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             try matmul(h, layer.router, logits, tokens: T)
-            try experts(h, layer: layer, routerLogits: logits, into: moe, tokens: T)
-            try ops.add(x, moe, count: T * D)
+            if let tables = layer.expertTables, T <= fusedMoEMaxTokens {
+                try fusedExperts(h, tables: tables, routerLogits: logits, addingInto: x, tokens: T)
+            } else {
+                try experts(h, layer: layer, routerLogits: logits, into: moe, tokens: T)
+                try ops.add(x, moe, count: T * D)
+            }
         }
         length += T
         // Final norm and lm_head for the last token only.
-        let lastIndex = try gpu.upload(array: [Int32(T - 1)], category: "workspace")
-        let last = try buffer(D), normed = try buffer(D), out = try buffer(c.vocabSize)
-        try ops.gatherRows(x, indices: lastIndex, last, rows: 1, dim: D)
+        var last = x  // [1, D] when decoding
+        if T > 1 {
+            last = try buffer(D)
+            try ops.gatherRows(x, indices: try gpu.upload(array: [Int32(T - 1)], category: "workspace"), last, rows: 1, dim: D)
+        }
+        let normed = try buffer(D), out = try buffer(c.vocabSize)
         try ops.rmsNorm(last, weight: norm, normed, tokens: 1, dim: D, eps: c.rmsNormEps)
         try matmul(normed, lmHead, out, tokens: 1)
+        lastIssueSeconds = secondsSince(issueStart)
         return try gpu.download(out, count: c.vocabSize)
     }
 
@@ -121,6 +147,21 @@ public final class GPUMixtral {
         } else {
             try ops.gatherRows(embed.buffer, indices: ids, x, rows: T, dim: config.hiddenSize)
         }
+    }
+
+    /// Routes and runs the chosen experts on the GPU without a host round trip (bf16
+    /// experts, few tokens): top-k, then gate/up and down through the pointer tables, the
+    /// weighted sum added into the residual stream x `[T, D]`.
+    private func fusedExperts(_ h: DeviceBuffer, tables: (gate: DeviceBuffer, up: DeviceBuffer, down: DeviceBuffer),
+                              routerLogits: DeviceBuffer, addingInto x: DeviceBuffer, tokens T: Int) throws(CUDAError) {
+        let c = config, k = c.numExpertsPerToken, F = c.intermediateSize, D = c.hiddenSize
+        let start = ContinuousClock.now
+        defer { expertUsage.addGPU(tokenExperts: T * k, seconds: secondsSince(start)) }
+        let ids = try gpu.allocate(T * k * 4, category: GPU.workspace), weights = try gpu.allocate(T * k * 4, category: GPU.workspace)
+        let hidden = try gpu.allocate(T * k * F * 4, category: GPU.workspace)  // [T * k, F]
+        try ops.routeTopK(routerLogits, experts: ids, weights: weights, tokens: T, experts: c.numLocalExperts, k: k)
+        try ops.moeGateUp(w1s: tables.gate, w3s: tables.up, ids: ids, x: h, h: hidden, tokens: T, k: k, rows: F, cols: D)
+        try ops.moeDownAdd(w2s: tables.down, ids: ids, weights: weights, h: hidden, x: x, tokens: T, k: k, rows: D, cols: F)
     }
 
     /// Routes on the GPU, copies back only the chosen ids and weights, and runs each chosen

@@ -109,6 +109,9 @@ public enum GPUSelfTest {
                 let sameIds = ids.map(Int.init) == reference.flatMap(\.experts)
                 checks.append(Check(name: "route_topk T=\(T) E=\(E) k=\(k)", error: sameIds ? relativeError(weights, reference.flatMap(\.weights)) : 1, tolerance: 1e-6))
             }
+            for (T, E, k, D, F) in [(1, 8, 2, 256, 352), (3, 8, 2, 96, 200), (2, 16, 4, 100, 36)] {
+                checks.append(try fusedMoECheck(gpu: gpu, ops: ops, cpu: cpu, tokens: T, experts: E, k: k, dim: D, hidden: F))
+            }
             // The budget refuses what it cannot hold, with an error, not a crash.
             let small = try GPU(memoryLimit: 1 << 20)
             let refused = (try? small.allocate(2 << 20, category: "weights")) == nil
@@ -119,6 +122,57 @@ public enum GPUSelfTest {
         } catch {
             return .failure(error)
         }
+    }
+
+    /// Fused decode MoE (router choices on the device, pointer tables) against the CPU's
+    /// expert FFNs summed with the router's weights and added to a residual.
+    static func fusedMoECheck(gpu: GPU, ops: GPUOps, cpu: CPUKernels, tokens T: Int, experts E: Int, k: Int, dim D: Int, hidden F: Int) throws(CUDAError) -> Check {
+        var raw: [UnsafeMutableRawBufferPointer] = []
+        defer { raw.forEach { $0.deallocate() } }
+        func matrix(_ rows: Int, _ cols: Int, seed: UInt64) -> WeightMatrix {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: rows * cols * 2, alignment: 64)
+            let values: [UInt16] = KernelSelfTest.random(rows * cols, seed: seed).map { floatToBF16($0 * 0.1) }
+            values.withUnsafeBytes { buffer.copyMemory(from: $0) }
+            raw.append(buffer)
+            return WeightMatrix(TensorView(name: "w", dtype: .bf16, shape: [rows, cols], base: UnsafeRawPointer(buffer.baseAddress!), owner: nil))
+        }
+        var gates: [WeightMatrix] = [], ups: [WeightMatrix] = [], downs: [WeightMatrix] = []
+        for e in 0..<E {
+            gates.append(matrix(F, D, seed: UInt64(3 * e)))
+            ups.append(matrix(F, D, seed: UInt64(3 * e + 1)))
+            downs.append(matrix(D, F, seed: UInt64(3 * e + 2)))
+        }
+        let x = KernelSelfTest.random(T * D, seed: 41), residual = KernelSelfTest.random(T * D, seed: 42)
+        let choices = DuetCPU.routeTopK(KernelSelfTest.random(T * E, seed: 43).map { $0 * 4 }, tokens: T, experts: E, k: k)
+        var reference = residual
+        var y = [Float](repeating: 0, count: D)
+        for t in 0..<T {
+            let xt = Array(x[(t * D)..<((t + 1) * D)])
+            for (e, weight) in zip(choices[t].experts, choices[t].weights) {
+                cpu.expertFFN(xt, gate: gates[e], up: ups[e], down: downs[e], &y, tokens: 1)
+                for i in 0..<D { reference[t * D + i] += weight * y[i] }
+            }
+        }
+        func upload(_ w: WeightMatrix) throws(CUDAError) -> DeviceBuffer {
+            try gpu.upload(bytes: UnsafeRawBufferPointer(start: w.view.base, count: w.byteCount), category: "weights")
+        }
+        func table(_ ws: [WeightMatrix]) throws(CUDAError) -> (DeviceBuffer, [DeviceBuffer]) {
+            var buffers: [DeviceBuffer] = []
+            for w in ws { buffers.append(try upload(w)) }
+            let pointers: [UInt64] = buffers.map { UInt64($0.pointer) }
+            return (try gpu.upload(array: pointers, category: "weights"), buffers)
+        }
+        let (w1s, keep1) = try table(gates), (w3s, keep3) = try table(ups), (w2s, keep2) = try table(downs)
+        let ids: [Int32] = choices.flatMap { $0.experts.map(Int32.init) }
+        let gids = try gpu.upload(array: ids, category: "workspace")
+        let gweights = try gpu.upload(choices.flatMap(\.weights), category: "workspace")
+        let gx = try gpu.upload(x, category: "workspace"), gr = try gpu.upload(residual, category: "workspace")
+        let gh = try gpu.allocate(T * k * F * 4, category: "workspace")
+        try ops.moeGateUp(w1s: w1s, w3s: w3s, ids: gids, x: gx, h: gh, tokens: T, k: k, rows: F, cols: D)
+        try ops.moeDownAdd(w2s: w2s, ids: gids, weights: gweights, h: gh, x: gr, tokens: T, k: k, rows: D, cols: F)
+        let result = try gpu.download(gr, count: T * D)
+        withExtendedLifetime((keep1, keep2, keep3)) {}
+        return Check(name: "fused moe T=\(T) E=\(E) k=\(k) D=\(D) F=\(F)", error: relativeError(result, reference), tolerance: 1e-5)
     }
 
     /// The whole model on the GPU against HF, for the golden checkpoints in `goldens`

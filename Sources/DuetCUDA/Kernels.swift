@@ -174,6 +174,60 @@ enum KernelSource {
         if (i < n) x[i] += y[i];
     }
 
+    // The dot of one bf16 row with one fp32 vector, this lane's share (a warp sums the shares).
+    // 16-byte loads where K is a multiple of 8 and both are 16-byte aligned.
+    __device__ float row_dot_bf16(const unsigned short* row, const float* x, int K, int lane) {
+        float acc = 0;
+        if ((K & 7) == 0 && ((((unsigned long long)row) | ((unsigned long long)x)) & 15) == 0) {
+            const uint4* row8 = (const uint4*)row;
+            const float4* x4 = (const float4*)x;
+            #pragma unroll 4
+            for (int i = lane; i < (K >> 3); i += 32) {
+                uint4 p = row8[i];
+                float4 a = x4[2 * i], b = x4[2 * i + 1];
+                acc += __uint_as_float(p.x << 16) * a.x + __uint_as_float(p.x & 0xffff0000u) * a.y
+                     + __uint_as_float(p.y << 16) * a.z + __uint_as_float(p.y & 0xffff0000u) * a.w
+                     + __uint_as_float(p.z << 16) * b.x + __uint_as_float(p.z & 0xffff0000u) * b.y
+                     + __uint_as_float(p.w << 16) * b.z + __uint_as_float(p.w & 0xffff0000u) * b.w;
+            }
+        } else {
+            for (int k = lane; k < K; k += 32) acc += bf16_to_float(row[k]) * x[k];
+        }
+        return acc;
+    }
+
+    // Decode-time MoE without a host round trip: the router's choices stay on the device and
+    // the kernels find each expert's weights through per-layer pointer tables.
+    // h[a, r] = silu(W1[e] r . x[t]) * (W3[e] r . x[t]) for assignment a = t * k + j, e = ids[a].
+    // Grid: (ceil(F / warps), T * k); one warp per row.
+    __global__ void moe_gate_up_bf16(const unsigned long long* w1s, const unsigned long long* w3s, const int* ids,
+                                     const float* x, float* h, int F, int D, int k) {
+        int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+        int a = blockIdx.y, lane = threadIdx.x & 31;
+        if (r >= F) return;
+        int e = ids[a];
+        const float* xt = x + (long)(a / k) * D;
+        float g = warp_sum(row_dot_bf16((const unsigned short*)w1s[e] + (long)r * D, xt, D, lane));
+        float u = warp_sum(row_dot_bf16((const unsigned short*)w3s[e] + (long)r * D, xt, D, lane));
+        if (lane == 0) h[(long)a * F + r] = g / (1.0f + expf(-g)) * u;
+    }
+
+    // x[t, r] += sum_j weights[t, j] * (W2[e_j] r . h[t * k + j]): the experts' weighted sum,
+    // in the router's order, added to the residual stream. Grid: (ceil(D / warps), T).
+    __global__ void moe_down_bf16(const unsigned long long* w2s, const int* ids, const float* weights, const float* h,
+                                  float* x, int D, int F, int k) {
+        int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+        int t = blockIdx.y, lane = threadIdx.x & 31;
+        if (r >= D) return;
+        float acc = 0;
+        for (int j = 0; j < k; j++) {
+            int a = t * k + j;
+            float part = warp_sum(row_dot_bf16((const unsigned short*)w2s[ids[a]] + (long)r * F, h + (long)a * F, F, lane));
+            acc += weights[a] * part;
+        }
+        if (lane == 0) x[(long)t * D + r] += acc;
+    }
+
     // y[t, n] = sum_k W[n, k] * x[t, k], W bf16 [N, K], x fp32 [T, K]. One warp per output row,
     // every token of the row in the same warp (the weights are read once for all T <= 8).
     // Where K is a multiple of 8 and both operands are 16-byte aligned, each lane loads 8 weights
@@ -340,6 +394,25 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(dst); a.add(src); a.add(Int64(offset)); a.add(Int64(n))
         try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// h `[T * k, F]` = silu(W1 x) * (W3 x) for each token's k chosen experts (`ids` `[T, k]`
+    /// on the device); `w1s`, `w3s`: the layer's expert pointer tables `[E]`.
+    public func moeGateUp(w1s: DeviceBuffer, w3s: DeviceBuffer, ids: DeviceBuffer, x: DeviceBuffer, h: DeviceBuffer,
+                          tokens T: Int, k: Int, rows F: Int, cols D: Int) throws(CUDAError) {
+        let f = try gpu.function("moe_gate_up_bf16", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(w1s); a.add(w3s); a.add(ids); a.add(x); a.add(h); a.add(Int32(F)); a.add(Int32(D)); a.add(Int32(k))
+        try gpu.launch(f, grid: (UInt32((F + 7) / 8), UInt32(T * k), 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// x `[T, D]` += the k experts' down projections of h, weighted by the router's weights `[T, k]`.
+    public func moeDownAdd(w2s: DeviceBuffer, ids: DeviceBuffer, weights: DeviceBuffer, h: DeviceBuffer, x: DeviceBuffer,
+                           tokens T: Int, k: Int, rows D: Int, cols F: Int) throws(CUDAError) {
+        let f = try gpu.function("moe_down_bf16", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(w2s); a.add(ids); a.add(weights); a.add(h); a.add(x); a.add(Int32(D)); a.add(Int32(F)); a.add(Int32(k))
+        try gpu.launch(f, grid: (UInt32((D + 7) / 8), UInt32(T), 1), block: (256, 1, 1), arguments: a.pointers)
     }
 
     /// y `[T, N]` = x `[T, K]` @ W^T, W bf16 `[N, K]`.

@@ -276,7 +276,19 @@ struct BenchDecode: ParsableCommand {
         var bandwidth = try measuredBandwidth(pool: pool, gib: memoryGib)
         let (model, _, loadSeconds) = try engine.load()
         let prompt = (0..<promptTokens).map { Int32(1 + ($0 * 7919) % (model.vocabSize - 1)) }
-        let result = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: tokens + 1, stopTokenIds: []))
+        // GPU: launches, synchronous copies and host issue time of the decode steps.
+        let gpuModel = (model as? GPULanguageModel)?.gpuModel
+        var launches = 0, copies = 0, issue = 0.0, steps = 0
+        var afterPrefill: (Int, Int)? = nil
+        let result = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: tokens + 1, stopTokenIds: [])) { _ in
+            guard let g = gpuModel else { return }
+            if let a = afterPrefill {
+                launches = g.device.launches - a.0; copies = g.device.synchronousCopies - a.1
+                issue += g.lastIssueSeconds; steps += 1
+            } else {
+                afterPrefill = (g.device.launches, g.device.synchronousCopies)
+            }
+        }
         if let gpuModel = model as? GPULanguageModel {
             // On the GPU the ceiling is HBM: a read-only kernel over the same GPU, same run.
             bandwidth = try GPUOps(gpu: gpuModel.gpuModel.device).readBandwidth(bytes: 4 << 30)
@@ -291,11 +303,18 @@ struct BenchDecode: ParsableCommand {
                             kernels: model is GPULanguageModel ? "gpu" : engine.kernels.rawValue, threads: pool.threadCount, loadSeconds: loadSeconds,
                             prefillTokensPerSecond: t.prefillTokensPerSecond, decodeTokensPerSecond: t.decodeTokensPerSecond,
                             bytesPerToken: bytesPerToken, bandwidthGbps: bandwidth / 1e9, rooflineTokensPerSecond: bandwidth / bytesPerToken,
-                            fraction: t.decodeTokensPerSecond / (bandwidth / bytesPerToken))
+                            fraction: t.decodeTokensPerSecond / (bandwidth / bytesPerToken),
+                            launchesPerToken: steps > 0 ? Double(launches) / Double(steps) : nil,
+                            synchronousCopiesPerToken: steps > 0 ? Double(copies) / Double(steps) : nil,
+                            hostIssueMsPerToken: steps > 0 ? issue / Double(steps) * 1e3 : nil)
         try Console.json(row)
         if !json {
             Console.out("decode \(fixed(row.decodeTokensPerSecond, 2)) tok/s, roofline \(fixed(row.rooflineTokensPerSecond, 2)) tok/s "
                 + "(\(fixed(bytesPerToken / 1e9, 3)) GB of weights per token at \(fixed(row.bandwidthGbps, 1)) GB/s): \(fixed(row.fraction, 2)) of roofline\n")
+            if let l = row.launchesPerToken, let c = row.synchronousCopiesPerToken, let h = row.hostIssueMsPerToken {
+                Console.out("per decode token: \(fixed(l, 0)) kernel launches, \(fixed(c, 0)) synchronous copies, "
+                    + "host issue time \(fixed(h, 3)) ms of \(fixed(1e3 / row.decodeTokensPerSecond, 3)) ms\n")
+            }
         }
     }
 
@@ -312,8 +331,12 @@ struct BenchDecode: ParsableCommand {
         var bandwidthGbps: Double
         var rooflineTokensPerSecond: Double
         var fraction: Double
+        var launchesPerToken: Double?
+        var synchronousCopiesPerToken: Double?
+        var hostIssueMsPerToken: Double?
         enum CodingKeys: String, CodingKey {
             case bench, model, layers, kernels, threads, fraction
+            case launchesPerToken = "launches_per_token", synchronousCopiesPerToken = "sync_copies_per_token", hostIssueMsPerToken = "host_issue_ms_per_token"
             case loadSeconds = "load_s", prefillTokensPerSecond = "prefill_tok_s", decodeTokensPerSecond = "decode_tok_s"
             case bytesPerToken = "bytes_per_token", bandwidthGbps = "bandwidth_gbps", rooflineTokensPerSecond = "roofline_tok_s"
         }
