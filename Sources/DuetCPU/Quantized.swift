@@ -229,25 +229,36 @@ extension CPUKernels {
         matmul(xq, w, out, tokens: T)
     }
 
-    /// The integer kernels over activations quantized once (gate and up share them).
+    /// The integer kernels over activations quantized once.
     func matmul(_ xq: QuantizedActivations, _ w: QuantizedMatrix, _ out: UnsafeMutablePointer<Float>, tokens T: Int) {
-        let N = w.rows, rowBlocks = w.paddedRows / 16
-        let perTask = max(1, (rowBlocks + pool.threadCount * tasksPerThread - 1) / (pool.threadCount * tasksPerThread))
-        let tasks = (rowBlocks + perTask - 1) / perTask
-        let po = Unchecked(out)
+        matmuls(xq, [(w, out)], tokens: T)
+    }
+
+    /// Several matmuls over the same activations (gate and up) in one parallel section, so
+    /// the threads wait for each other once.
+    func matmuls(_ xq: QuantizedActivations, _ jobs: [(w: QuantizedMatrix, out: UnsafeMutablePointer<Float>)], tokens T: Int) {
+        // (job, first row block, end row block) per task, about tasksPerThread per thread overall.
+        let totalBlocks = jobs.reduce(0) { $0 + $1.w.paddedRows / 16 }
+        let perTask = max(1, (totalBlocks + pool.threadCount * tasksPerThread - 1) / (pool.threadCount * tasksPerThread))
+        var tasks: [(job: Int, rb0: Int, rb1: Int)] = []
+        for (j, job) in jobs.enumerated() {
+            let blocks = job.w.paddedRows / 16
+            for rb in stride(from: 0, to: blocks, by: perTask) { tasks.append((j, rb, min(blocks, rb + perTask))) }
+        }
+        let vnni = quantizedPath == .avx512
+        let outs = jobs.map { Unchecked($0.out) }
         xq.levels.withUnsafeBufferPointer { levels in
             xq.scales.withUnsafeBufferPointer { scales in
                 xq.corrections.withUnsafeBufferPointer { corrections in
                     let pl = Unchecked(levels.baseAddress!), ps = Unchecked(scales.baseAddress!), pc = Unchecked(corrections.baseAddress!)
-                    let vnni = quantizedPath == .avx512
-                    pool.parallelFor(tasks) { task in
-                        let rb0 = task * perTask, rb1 = min(rowBlocks, rb0 + perTask)
+                    pool.parallelFor(tasks.count) { i in
+                        let task = tasks[i], w = jobs[task.job].w, out = outs[task.job].value, N = w.rows
                         if vnni {
                             let kernel = w.format == .q8 ? duet_matmul_q8_vnni : duet_matmul_q4_vnni
                             kernel(w.levels.assumingMemoryBound(to: UInt8.self), w.scales, w.paddedCols, pl.value, ps.value, pc.value,
-                                   T, po.value, N, N, rb0, rb1)
+                                   T, out, N, N, task.rb0, task.rb1)
                         } else {
-                            portableQuantizedRows(w, pl.value, ps.value, pc.value, tokens: T, po.value, rows: (rb0 * 16)..<min(N, rb1 * 16))
+                            portableQuantizedRows(w, pl.value, ps.value, pc.value, tokens: T, out, rows: (task.rb0 * 16)..<min(N, task.rb1 * 16))
                         }
                     }
                 }
@@ -265,8 +276,7 @@ extension CPUKernels {
             matmul(x, expert.up, u, tokens: T)
         } else {
             let xq = QuantizedActivations(x, tokens: T, cols: expert.gate.cols, paddedCols: expert.gate.paddedCols, offset: expert.gate.format.offset)
-            matmul(xq, expert.gate, h, tokens: T)
-            matmul(xq, expert.up, u, tokens: T)
+            matmuls(xq, [(expert.gate, h), (expert.up, u)], tokens: T)
         }
         siluMultiply(h, u, count: T * F)
         matmul(h, expert.down, y, tokens: T)

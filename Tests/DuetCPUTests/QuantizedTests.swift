@@ -16,7 +16,7 @@ private func quantizedPaths() -> [KernelPath] {
 }
 
 /// Shapes with padding in both dimensions, and one exact.
-private let shapes: [(rows: Int, cols: Int)] = [(37, 100), (64, 128), (16, 33)]
+private let shapes: [(rows: Int, cols: Int)] = [(37, 100), (64, 128), (16, 33), (112, 64)]
 
 @Suite struct QuantizedTests {
     /// Every dequantized weight is within the stated bound: scale / 2 + max|w| * 2^-11.
@@ -63,12 +63,17 @@ private let shapes: [(rows: Int, cols: Int)] = [(37, 100), (64, 128), (16, 33)]
                     reference[t * N + n] = s
                 }
             }
+            // Many small tasks (one row block each) and one task with every row block (the
+            // kernels' multi-block passes and their tails).
             for path in quantizedPaths() {
-                let kernels = try CPUKernels(path, pool: ThreadPool(threads: 2))
-                var out = [Float](repeating: .nan, count: T * N)
-                x.withUnsafeBufferPointer { xb in out.withUnsafeMutableBufferPointer { kernels.matmul(xb.baseAddress!, q, $0.baseAddress!, tokens: T) } }
-                let err = relativeL2Error(out, reference.map(Float.init))
-                #expect(err < 2e-6, "\(path) \(format) T=\(T) \(N)x\(K): \(err)")
+                for (threads, tasksPerThread) in [(2, 4), (1, 1)] {
+                    var kernels = try CPUKernels(path, pool: ThreadPool(threads: threads))
+                    kernels.tasksPerThread = tasksPerThread
+                    var out = [Float](repeating: .nan, count: T * N)
+                    x.withUnsafeBufferPointer { xb in out.withUnsafeMutableBufferPointer { kernels.matmul(xb.baseAddress!, q, $0.baseAddress!, tokens: T) } }
+                    let err = relativeL2Error(out, reference.map(Float.init))
+                    #expect(err < 2e-6, "\(path) \(format) T=\(T) \(N)x\(K) threads \(threads): \(err)")
+                }
             }
             withExtendedLifetime(keep) {}
         }
