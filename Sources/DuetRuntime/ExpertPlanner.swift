@@ -1,0 +1,114 @@
+/// Where one MoE layer's experts run in one step (Fiddler's decision, done right): experts
+/// resident on the GPU run there; each routed non-resident expert either runs on the CPU
+/// (its activations move, not its weights) or has its weights copied to the GPU and runs
+/// there. The CPU and the GPU work at the same time, so the layer takes
+///   makespan = max(CPU time, GPU time + transfer time)
+/// and the plan minimises that — not the sum of the two, which never balances them.
+///
+/// A pure function of the routed token counts and a latency model, so it is tested with
+/// hand-computable cases.
+public enum ExpertPlanner {
+    /// Seconds as a function of the tokens an expert gets: `fixed + perToken * T` (0 tokens: 0).
+    public struct Cost: Sendable, Equatable {
+        public var fixed: Double
+        public var perToken: Double
+        public init(fixed: Double, perToken: Double) {
+            self.fixed = fixed
+            self.perToken = perToken
+        }
+        public func callAsFunction(_ tokens: Int) -> Double { tokens == 0 ? 0 : fixed + perToken * Double(tokens) }
+    }
+
+    /// The measured costs of one expert shape and dtype.
+    public struct LatencyModel: Sendable, Equatable {
+        public var cpu: Cost
+        public var gpu: Cost
+        /// Copying one expert's weights host -> device.
+        public var transfer: Double
+        public init(cpu: Cost, gpu: Cost, transfer: Double) {
+            self.cpu = cpu
+            self.gpu = gpu
+            self.transfer = transfer
+        }
+    }
+
+    /// One routed expert of the layer.
+    public struct Load: Sendable, Equatable {
+        public var expert: Int
+        public var tokens: Int
+        public var resident: Bool
+        public init(expert: Int, tokens: Int, resident: Bool) {
+            self.expert = expert
+            self.tokens = tokens
+            self.resident = resident
+        }
+    }
+
+    public struct Plan: Sendable, Equatable {
+        /// Experts computed on the GPU from resident weights, on the CPU, and copied then computed on the GPU (ascending ids).
+        public var resident: [Int] = []
+        public var cpu: [Int] = []
+        public var copied: [Int] = []
+        public var cpuSeconds = 0.0
+        public var gpuSeconds = 0.0
+        public var transferSeconds = 0.0
+        public var makespan: Double { max(cpuSeconds, gpuSeconds + transferSeconds) }
+        public init() {}
+    }
+
+    /// Up to this many non-resident experts the search is exhaustive (2^n plans); beyond,
+    /// experts move to the GPU in order of CPU time saved per GPU second spent, and the best
+    /// prefix of that order is taken.
+    public static let exhaustiveLimit = 14
+
+    /// The plan with the smallest makespan (ties: fewer copies).
+    public static func plan(_ loads: [Load], model: LatencyModel) -> Plan {
+        let routed = loads.filter { $0.tokens > 0 }
+        var base = Plan()
+        for l in routed where l.resident {
+            base.resident.append(l.expert)
+            base.gpuSeconds += model.gpu(l.tokens)
+        }
+        let movable = routed.filter { !$0.resident }.sorted { $0.expert < $1.expert }
+        func evaluate(_ toGPU: [Bool]) -> Plan {
+            var p = base
+            for (l, copy) in zip(movable, toGPU) {
+                if copy {
+                    p.copied.append(l.expert)
+                    p.gpuSeconds += model.gpu(l.tokens)
+                    p.transferSeconds += model.transfer
+                } else {
+                    p.cpu.append(l.expert)
+                    p.cpuSeconds += model.cpu(l.tokens)
+                }
+            }
+            return p
+        }
+        func better(_ a: Plan, than b: Plan) -> Bool {
+            if a.makespan != b.makespan { return a.makespan < b.makespan }
+            return a.copied.count < b.copied.count
+        }
+        var best = evaluate([Bool](repeating: false, count: movable.count))
+        if movable.count <= exhaustiveLimit {
+            for mask in 1..<(1 << movable.count) {
+                let candidate = evaluate((0..<movable.count).map { mask & (1 << $0) != 0 })
+                if better(candidate, than: best) { best = candidate }
+            }
+        } else {
+            // Most CPU time saved per second added to the GPU side first.
+            let order = movable.indices.sorted { a, b in
+                let ra = model.cpu(movable[a].tokens) / (model.gpu(movable[a].tokens) + model.transfer)
+                let rb = model.cpu(movable[b].tokens) / (model.gpu(movable[b].tokens) + model.transfer)
+                return ra != rb ? ra > rb : movable[a].expert < movable[b].expert
+            }
+            var toGPU = [Bool](repeating: false, count: movable.count)
+            for i in order {
+                toGPU[i] = true
+                let candidate = evaluate(toGPU)
+                if better(candidate, than: best) { best = candidate }
+            }
+        }
+        best.resident.sort()
+        return best
+    }
+}

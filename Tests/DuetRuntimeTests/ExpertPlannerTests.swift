@@ -1,0 +1,60 @@
+import DuetRuntime
+import Testing
+
+/// Hand-computable plans. Costs in milliseconds (as seconds-shaped numbers: only ratios matter).
+@Suite struct ExpertPlannerTests {
+    typealias P = ExpertPlanner
+
+    /// Fiddler's decode case: one token on a non-resident expert; copying its weights (70)
+    /// costs far more than computing it on the CPU (7).
+    @Test func decodeComputesOnTheCPU() {
+        let model = P.LatencyModel(cpu: .init(fixed: 0, perToken: 7), gpu: .init(fixed: 0.1, perToken: 0), transfer: 70)
+        let plan = P.plan([.init(expert: 3, tokens: 1, resident: true), .init(expert: 5, tokens: 1, resident: false)], model: model)
+        #expect(plan.resident == [3] && plan.cpu == [5] && plan.copied.isEmpty)
+        #expect(plan.makespan == 7)
+    }
+
+    /// A long prefill: 100 tokens cost 700 on the CPU, 1 + 70 copied to the GPU.
+    @Test func prefillCopiesTheExpert() {
+        let model = P.LatencyModel(cpu: .init(fixed: 0, perToken: 7), gpu: .init(fixed: 1, perToken: 0), transfer: 70)
+        let plan = P.plan([.init(expert: 0, tokens: 100, resident: false)], model: model)
+        #expect(plan.copied == [0] && plan.cpu.isEmpty)
+        #expect(plan.makespan == 71)
+    }
+
+    /// Two experts, each 10 on the CPU or 1 + 7 copied: minimising the sum copies both
+    /// (16 on the GPU side); the makespan is smallest with one on each side: max(10, 8) = 10.
+    @Test func balancesInsteadOfMinimisingTheSum() {
+        let model = P.LatencyModel(cpu: .init(fixed: 0, perToken: 10), gpu: .init(fixed: 1, perToken: 0), transfer: 7)
+        let plan = P.plan([.init(expert: 1, tokens: 1, resident: false), .init(expert: 2, tokens: 1, resident: false)], model: model)
+        #expect(plan.cpu.count == 1 && plan.copied.count == 1)
+        #expect(plan.makespan == 10)
+    }
+
+    /// Resident experts load the GPU side, which can make the CPU the better home for the rest:
+    /// GPU already busy 30; a copy would add 1 + 7, the CPU takes 10.
+    @Test func residentWorkCountsOnTheGPUSide() {
+        let model = P.LatencyModel(cpu: .init(fixed: 0, perToken: 10), gpu: .init(fixed: 0, perToken: 1), transfer: 7)
+        let plan = P.plan([.init(expert: 0, tokens: 30, resident: true), .init(expert: 4, tokens: 1, resident: false),
+                           .init(expert: 6, tokens: 0, resident: false)], model: model)
+        #expect(plan.resident == [0] && plan.cpu == [4] && plan.copied.isEmpty)
+        #expect(plan.gpuSeconds == 30 && plan.cpuSeconds == 10 && plan.makespan == 30)
+    }
+
+    /// Beyond the exhaustive limit: 20 alike experts, 10 on the CPU or 8 copied; copying k gives
+    /// max(10 (20 - k), 8 k), smallest at k = 11: max(90, 88) = 90.
+    @Test func manyExpertsUseTheOrderedPrefix() {
+        let model = P.LatencyModel(cpu: .init(fixed: 0, perToken: 10), gpu: .init(fixed: 1, perToken: 0), transfer: 7)
+        let loads = (0..<20).map { P.Load(expert: $0, tokens: 1, resident: false) }
+        #expect(loads.count > P.exhaustiveLimit)
+        let plan = P.plan(loads, model: model)
+        #expect(plan.copied.count == 11 && plan.cpu.count == 9)
+        #expect(plan.makespan == 90)
+    }
+
+    /// Nothing routed: nothing to do.
+    @Test func emptyLayer() {
+        let model = P.LatencyModel(cpu: .init(fixed: 1, perToken: 1), gpu: .init(fixed: 1, perToken: 1), transfer: 1)
+        #expect(P.plan([.init(expert: 0, tokens: 0, resident: false)], model: model) == P.Plan())
+    }
+}
