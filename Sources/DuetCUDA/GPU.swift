@@ -147,20 +147,12 @@ public final class GPU: @unchecked Sendable {
     deinit { releaseWorkspaceCache() }
 
     public func upload(_ values: [Float], category: String) throws(CUDAError) -> DeviceBuffer {
-        let b = try allocate(values.count * 4, category: category)
-        synchronousCopies += 1
-        let code = values.withUnsafeBytes { driver.cuMemcpyHtoD(b.pointer, $0.baseAddress!, $0.count) }
-        try driver.check(code, "cuMemcpyHtoD")
-        return b
+        try upload(array: values, category: category)
     }
 
     /// An array of plain values (bf16 bits, ids) copied to the device.
     public func upload<T: BitwiseCopyable>(array: [T], category: String) throws(CUDAError) -> DeviceBuffer {
-        let b = try allocate(array.count * MemoryLayout<T>.stride, category: category)
-        synchronousCopies += 1
-        let code = array.withUnsafeBytes { driver.cuMemcpyHtoD(b.pointer, $0.baseAddress!, $0.count) }
-        try driver.check(code, "cuMemcpyHtoD")
-        return b
+        try array.withUnsafeBytes { bytes in Result { () throws(CUDAError) in try upload(bytes: bytes, category: category) } }.get()
     }
 
     public func upload(bytes: UnsafeRawBufferPointer, category: String) throws(CUDAError) -> DeviceBuffer {
@@ -180,17 +172,14 @@ public final class GPU: @unchecked Sendable {
     }
 
     public func download(_ b: DeviceBuffer, count: Int) throws(CUDAError) -> [Float] {
-        var out = [Float](repeating: 0, count: count)
-        synchronousCopies += 1
-        let code = out.withUnsafeMutableBytes { driver.cuMemcpyDtoH($0.baseAddress!, b.pointer, $0.count) }
-        try driver.check(code, "cuMemcpyDtoH")
-        return out
+        try download(b, count: count, as: Float.self, zero: 0)
     }
 
     // MARK: kernels
 
     /// Function `name` of `source`, compiled once per (source, options, architecture, driver) and
-    /// cached on disk (~/.cache/duet/kernels) so later starts load the CUBIN directly.
+    /// cached on disk (`kernels/` in `duetCacheDirectory`, ~/.cache/duet/kernels by default)
+    /// so later starts load the CUBIN directly.
     public func function(_ name: String, in source: String) throws(CUDAError) -> OpaquePointer {
         if let f = functions[name] { return f }
         let key = sourceHash(source)
@@ -220,8 +209,7 @@ public final class GPU: @unchecked Sendable {
 
     /// One CUBIN per source (a module holds all its kernels); `kernel` names it in errors.
     private func cachedCubin(_ source: String, key h: UInt64, kernel: String) throws(CUDAError) -> [UInt8] {
-        let home = getenv("XDG_CACHE_HOME").map { String(cString: $0) } ?? (getenv("HOME").map { String(cString: $0) + "/.cache" } ?? "/tmp")
-        let dir = home + "/duet/kernels"
+        let dir = duetCacheDirectory("kernels")
         let path = dir + "/duet-\(architecture)-\(driverVersion)-\(String(h, radix: 16)).cubin"
         if let bytes = try? readSmallFile(path), !bytes.isEmpty {
             lastCompileWasCached = true
@@ -229,17 +217,16 @@ public final class GPU: @unchecked Sendable {
         }
         lastCompileWasCached = false
         let cubin = try nvrtc.compile(source, kernel: kernel, arch: architecture)
-        _ = mkdir(home + "/duet", 0o755)
-        _ = mkdir(dir, 0o755)
+        makeDirectories(dir)
         try? writeFile(cubin, to: path)
         return cubin
     }
 
-    /// Launches `function` with arguments given as pointers to their values.
     /// Kernel launches and synchronous host<->device copies so far (benchmarks report them per token).
     public private(set) var launches = 0
     public private(set) var synchronousCopies = 0
 
+    /// Launches `function` with arguments given as pointers to their values.
     public func launch(_ function: OpaquePointer, grid: (UInt32, UInt32, UInt32), block: (UInt32, UInt32, UInt32),
                        sharedBytes: UInt32 = 0, arguments: [UnsafeMutableRawPointer?]) throws(CUDAError) {
         launches += 1

@@ -42,12 +42,8 @@ public enum QuantizedExpertCache {
         var experts: [Expert]
     }
 
-    /// `$DUET_CACHE`, else `$XDG_CACHE_HOME/duet`, else `~/.cache/duet`; quantized experts go in `quantized/` there.
-    public static func defaultDirectory() -> String {
-        func env(_ name: String) -> String? { getenv(name).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 } }
-        let root = env("DUET_CACHE") ?? env("XDG_CACHE_HOME").map { $0 + "/duet" } ?? (env("HOME") ?? "/tmp") + "/.cache/duet"
-        return root + "/quantized"
-    }
+    /// `quantized/` in Duet's cache directory (`duetCacheDirectory`).
+    public static func defaultDirectory() -> String { duetCacheDirectory("quantized") }
 
     /// The cache file for these weight files, or nil when the weights have no files.
     public static func path(directory: String, files: [String], format: QuantFormat) -> String? {
@@ -118,7 +114,7 @@ public enum QuantizedExpertCache {
             json = try JSONEncoder().encode(shifted)
             if (16 + json.count + 63) / 64 * 64 == dataStart { break }
         }
-        mkdirs(String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)]))
+        makeDirectories(String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)]))
         let temporary = path + ".partial"
         guard let f = fopen(temporary, "wb") else { throw CheckpointError.unreadable(path: temporary, reason: String(cString: strerror(errno))) }
         var ok = true
@@ -138,14 +134,6 @@ public enum QuantizedExpertCache {
         guard ok, rename(temporary, path) == 0 else {
             unlink(temporary)
             throw CheckpointError.unreadable(path: path, reason: "could not write the quantized-experts cache: \(String(cString: strerror(errno)))")
-        }
-    }
-
-    private static func mkdirs(_ directory: String) {
-        var partial = ""
-        for component in directory.split(separator: "/") {
-            partial += "/" + component
-            mkdir(partial, 0o755)
         }
     }
 }

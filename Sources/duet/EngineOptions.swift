@@ -79,7 +79,7 @@ struct EngineOptions: ParsableArguments {
     /// The model directory to use, saying so when it is the built-in one.
     func modelDirectory() throws -> String {
         if let model { return model }
-        if let env = environment("DUET_MODEL") { return env }
+        if let env = environmentVariable("DUET_MODEL") { return env }
         guard let found = DemoModel.locate() else {
             throw CLIError("no --model given, DUET_MODEL is not set and the built-in demo model was not found "
                 + "(looked in: \(DemoModel.searchPaths().joined(separator: ", ")))")
@@ -142,7 +142,7 @@ enum DemoModel {
             paths.append(joinPath(String(cString: cwd), relativePath))
             free(cwd)
         }
-        if let home = getenv("HOME") { paths.append(String(cString: home) + "/.local/share/duet/models/duet-demo-moe") }
+        if let home = environmentVariable("HOME") { paths.append(home + "/.local/share/duet/models/duet-demo-moe") }
         paths.append("/usr/local/share/duet/models/duet-demo-moe")
         return paths
     }

@@ -60,10 +60,3 @@ struct CLIError: Error, CustomStringConvertible {
     let description: String
     init(_ message: String) { description = message }
 }
-
-/// An environment variable, nil when unset or empty.
-func environment(_ name: String) -> String? {
-    guard let value = getenv(name) else { return nil }
-    let s = String(cString: value)
-    return s.isEmpty ? nil : s
-}

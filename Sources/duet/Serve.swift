@@ -48,7 +48,7 @@ struct Serve: AsyncParsableCommand {
             return { budget.used }
         }
         let inference = InferenceEngine(model: model, maxConcurrency: maxConcurrency, cacheMemoryLimit: cacheMemoryMib.map { $0 << 20 })
-        let key = apiKey ?? environment("DUET_API_KEY")
+        let key = apiKey ?? environmentVariable("DUET_API_KEY")
         let context = ServerContext(engine: inference, tokenizer: tokenizer, template: template, modelID: name,
                                     eosTokenIds: model.eosTokenIds, apiKey: key, gpuMemory: gpuMemory)
         Console.err("loaded \(name) in \(fixed(loadSeconds, 3)) s; chat template: \(template.origin); "
