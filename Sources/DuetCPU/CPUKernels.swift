@@ -20,21 +20,24 @@ public struct CPUFeatures: Sendable, Equatable, CustomStringConvertible {
     public let avx512: Bool
     public let avx512bf16: Bool
     public let amx: Bool
+    /// AVX512-VNNI (vpdpbusd), for the quantized kernels.
+    public let vnni: Bool
 
-    public init(avx512: Bool, avx512bf16: Bool, amx: Bool) {
+    public init(avx512: Bool, avx512bf16: Bool, amx: Bool, vnni: Bool = false) {
         self.avx512 = avx512
         self.avx512bf16 = avx512bf16
         self.amx = amx
+        self.vnni = vnni
     }
 
     public static let current: CPUFeatures = {
         let f = duet_cpu_features()
         return CPUFeatures(avx512: f & UInt32(DUET_CPU_AVX512) != 0, avx512bf16: f & UInt32(DUET_CPU_AVX512_BF16) != 0,
-                           amx: f & UInt32(DUET_CPU_AMX_BF16) != 0)
+                           amx: f & UInt32(DUET_CPU_AMX_BF16) != 0, vnni: f & UInt32(DUET_CPU_AVX512_VNNI) != 0)
     }()
 
     public var description: String {
-        [avx512 ? "avx512" : nil, avx512bf16 ? "avx512_bf16" : nil, amx ? "amx-bf16" : nil].compactMap { $0 }.joined(separator: " ")
+        [avx512 ? "avx512" : nil, avx512bf16 ? "avx512_bf16" : nil, vnni ? "avx512_vnni" : nil, amx ? "amx-bf16" : nil].compactMap { $0 }.joined(separator: " ")
     }
 }
 

@@ -193,11 +193,6 @@ public struct QuantizedExpert: Sendable {
     public var byteCount: Int { gate.byteCount + up.byteCount + down.byteCount }
 }
 
-extension CPUFeatures {
-    /// AVX512-VNNI (vpdpbusd), for the quantized kernels.
-    public static var hasVNNI: Bool { duet_cpu_features() & UInt32(DUET_CPU_AVX512_VNNI) != 0 }
-}
-
 extension CPUKernels {
     /// The path a quantized matmul takes: VNNI where the CPU has it and the path allows
     /// AVX-512 (auto, avx512, amx: AMX-INT8 is not used), else the portable integer loop;
@@ -206,7 +201,7 @@ extension CPUKernels {
         switch path {
         case .reference: .reference
         case .portable: .portable
-        default: CPUFeatures.hasVNNI ? .avx512 : .portable
+        default: features.vnni ? .avx512 : .portable
         }
     }
 

@@ -188,7 +188,7 @@ struct BenchKernels: ParsableCommand {
             let quantized = experts.map { $0! }
             if !json { Console.out("quantized \(set.count) experts to \(format.rawValue) in \(fixed(secondsSince(start), 2)) s\n") }
             let bytes = Double(quantized[0].byteCount)
-            let paths: [KernelPath] = (CPUFeatures.hasVNNI ? [.avx512] : []) + [.portable]
+            let paths: [KernelPath] = (CPUFeatures.current.vnni ? [.avx512] : []) + [.portable]
             for path in paths {
                 var kernels = try CPUKernels(path, pool: pool)
                 kernels.tasksPerThread = tasksPerThread

@@ -12,7 +12,7 @@ private func expertLike(_ count: Int, seed: UInt64) -> [Float] {
 }
 
 private func quantizedPaths() -> [KernelPath] {
-    CPUFeatures.hasVNNI ? [.portable, .avx512] : [.portable]
+    CPUFeatures.current.vnni ? [.portable, .avx512] : [.portable]
 }
 
 /// Shapes with padding in both dimensions, and one exact.

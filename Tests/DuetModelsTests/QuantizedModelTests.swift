@@ -29,7 +29,7 @@ import Testing
     /// reference path, fp32 activations on dequantized weights, is compared per kernel in
     /// DuetCPUTests: on a whole random model, activation rounding can flip a near-tied
     /// router choice, so whole-model logits are no test for it.)
-    @Test(.enabled(if: CPUFeatures.hasVNNI, "needs AVX512-VNNI"))
+    @Test(.enabled(if: CPUFeatures.current.vnni, "needs AVX512-VNNI"))
     func vnniAndPortablePathsAgree() throws {
         let prompt: [Int32] = [1, 600, 2, 33, 77, 5]
         func logits(_ path: KernelPath) throws -> [Float] {
