@@ -198,21 +198,31 @@ public struct CPUKernels: Sendable {
     /// The path's compute peak on this machine (GFLOP/s × 1e9) with every pool thread in a
     /// register-only loop; nil for paths without one (reference, portable).
     public func measuredPeakFlops(seconds: Double = 0.2) -> Double? {
-        let kernel: (Int) -> Double
         switch path {
-        case .amx: kernel = { duet_peak_amx($0) }
-        case .avx512: kernel = { duet_peak_avx512($0) }
-        default: return nil
+        case .amx: measuredPeak(seconds: seconds) { duet_peak_amx($0) }
+        case .avx512: measuredPeak(seconds: seconds) { duet_peak_avx512($0) }
+        default: nil
         }
-        let flops = UnsafeMutablePointer<Double>.allocate(capacity: pool.threadCount)
-        defer { flops.deallocate() }
-        let pf = Unchecked(flops)
+    }
+
+    /// The int8 peak of the quantized kernels (vpdpbusd, 2 ops per multiply-add) in ops/s;
+    /// nil without VNNI.
+    public func measuredPeakIntOps(seconds: Double = 0.2) -> Double? {
+        features.vnni ? measuredPeak(seconds: seconds) { duet_peak_vnni($0) } : nil
+    }
+
+    /// Operations per second of `kernel(iterations)` (which returns the operations it did)
+    /// on every pool thread at once, iterations doubled until a pass takes `seconds`.
+    private func measuredPeak(seconds: Double, _ kernel: @escaping (Int) -> Double) -> Double {
+        let ops = UnsafeMutablePointer<Double>.allocate(capacity: pool.threadCount)
+        defer { ops.deallocate() }
+        let po = Unchecked(ops)
         var iterations = 1 << 14
         while true {
             let start = ContinuousClock.now
-            pool.parallelFor(pool.threadCount) { t in pf.value[t] = kernel(iterations) }
+            pool.parallelFor(pool.threadCount) { t in po.value[t] = kernel(iterations) }
             let elapsed = secondsSince(start)
-            if elapsed >= seconds { return (0..<pool.threadCount).reduce(0) { $0 + flops[$1] } / elapsed }
+            if elapsed >= seconds { return (0..<pool.threadCount).reduce(0) { $0 + ops[$1] } / elapsed }
             iterations *= 2
         }
     }

@@ -191,6 +191,22 @@ public struct QuantizedExpert: Sendable {
         self.down = down
     }
     public var byteCount: Int { gate.byteCount + up.byteCount + down.byteCount }
+
+    /// Quantizes experts in parallel, one expert per task.
+    public static func quantizing(_ experts: [(gate: WeightMatrix, up: WeightMatrix, down: WeightMatrix)], format: QuantFormat,
+                                  pool: ThreadPool) -> [QuantizedExpert] {
+        let slots = UnsafeMutableBufferPointer<QuantizedExpert?>.allocate(capacity: experts.count)
+        slots.initialize(repeating: nil)
+        defer { slots.deallocate() }
+        let ps = Unchecked(slots.baseAddress!)
+        pool.parallelFor(experts.count) { i in
+            let e = experts[i]
+            ps.value[i] = QuantizedExpert(gate: QuantizedMatrix(quantizing: e.gate, format: format),
+                                          up: QuantizedMatrix(quantizing: e.up, format: format),
+                                          down: QuantizedMatrix(quantizing: e.down, format: format))
+        }
+        return slots.map { $0! }
+    }
 }
 
 extension CPUKernels {

@@ -168,18 +168,8 @@ extension MixtralModel {
             quantized = cached
             fromCache = true
         } else {
-            let slots = UnsafeMutableBufferPointer<QuantizedExpert?>.allocate(capacity: L * E)
-            slots.initialize(repeating: nil)
-            defer { slots.deallocate() }
-            let ps = Unchecked(slots.baseAddress!)
-            let layers = self.layers
-            kernels.pool.parallelFor(L * E) { i in
-                let x = layers[i / E].experts[i % E]
-                ps.value[i] = QuantizedExpert(gate: QuantizedMatrix(quantizing: x.gate, format: format),
-                                              up: QuantizedMatrix(quantizing: x.up, format: format),
-                                              down: QuantizedMatrix(quantizing: x.down, format: format))
-            }
-            quantized = (0..<L).map { l in (0..<E).map { slots[l * E + $0]! } }
+            let flat = QuantizedExpert.quantizing(layers.flatMap { $0.experts.map { ($0.gate, $0.up, $0.down) } }, format: format, pool: kernels.pool)
+            quantized = (0..<L).map { l in Array(flat[(l * E)..<((l + 1) * E)]) }
             if let cachePath { try QuantizedExpertCache.store(quantized, format: format, path: cachePath) }
         }
         return (quantized, QuantizationReport(format: format, experts: L * E, bytes: quantized.joined().reduce(0) { $0 + $1.byteCount },

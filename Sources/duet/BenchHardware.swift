@@ -1,5 +1,4 @@
 import ArgumentParser
-import CDuetKernels
 import DuetCPU
 import DuetCUDA
 import DuetCore
@@ -121,15 +120,10 @@ struct BenchKernels: ParsableCommand {
                 if path == .portable && T > 16 { break }  // minutes per row beyond this
                 let x = KernelSelfTest.random(T * D, seed: UInt64(T))
                 var y = [Float](repeating: 0, count: T * D)
-                kernels.expertFFN(x, gate: set[0].gate, up: set[0].up, down: set[0].down, &y, tokens: T)  // warm-up
-                var calls = 0
-                let start = ContinuousClock.now
-                repeat {
-                    let e = set[calls % set.count]
+                let seconds = secondsPerCall { call in
+                    let e = set[call % set.count]
                     kernels.expertFFN(x, gate: e.gate, up: e.up, down: e.down, &y, tokens: T)
-                    calls += 1
-                } while secondsSince(start) < minSeconds || calls < 3
-                let seconds = secondsSince(start) / Double(calls)
+                }
                 rows.append(KernelRow(path: path.rawValue, tokens: T, bytes: bytes, ms: seconds * 1e3, gbps: bytes / seconds / 1e9,
                                       gflops: 2 * 3 * Double(D * F * T) / seconds / 1e9, fraction: 0, bound: "",
                                       peakGflops: peak / 1e9, bandwidthGbps: 0, threads: pool.threadCount))
@@ -170,22 +164,26 @@ struct BenchKernels: ParsableCommand {
         return 2 * Double(rows * D * T) * Double(calls) / secondsSince(start)
     }
 
+    /// Seconds per `call(i)` (i = 0, 1, ... cycles the experts) after a warm-up call, over
+    /// at least `minSeconds` and 3 calls.
+    private func secondsPerCall(_ call: (Int) -> Void) -> Double {
+        call(0)
+        var calls = 0
+        let start = ContinuousClock.now
+        repeat {
+            call(calls)
+            calls += 1
+        } while secondsSince(start) < minSeconds || calls < 3
+        return secondsSince(start) / Double(calls)
+    }
+
     /// q8 and q4 rows: the same experts quantized, on the VNNI path (where the CPU has it)
     /// and the portable integer path. Bytes counted: packed levels and scales.
     private func quantizedRows(_ set: [(gate: WeightMatrix, up: WeightMatrix, down: WeightMatrix)], pool: ThreadPool, D: Int, F: Int) throws -> [KernelRow] {
         var rows: [KernelRow] = []
         for format in QuantFormat.allCases where dtypes.contains(format.rawValue) {
             let start = ContinuousClock.now
-            let experts = UnsafeMutableBufferPointer<QuantizedExpert?>.allocate(capacity: set.count)
-            experts.initialize(repeating: nil)
-            defer { experts.deallocate() }
-            let pe = Unchecked(experts.baseAddress!)
-            pool.parallelFor(set.count) { e in
-                pe.value[e] = QuantizedExpert(gate: QuantizedMatrix(quantizing: set[e].gate, format: format),
-                                              up: QuantizedMatrix(quantizing: set[e].up, format: format),
-                                              down: QuantizedMatrix(quantizing: set[e].down, format: format))
-            }
-            let quantized = experts.map { $0! }
+            let quantized = QuantizedExpert.quantizing(set, format: format, pool: pool)
             if !json { Console.out("quantized \(set.count) experts to \(format.rawValue) in \(fixed(secondsSince(start), 2)) s\n") }
             let bytes = Double(quantized[0].byteCount)
             let paths: [KernelPath] = (CPUFeatures.current.vnni ? [.avx512] : []) + [.portable]
@@ -193,20 +191,13 @@ struct BenchKernels: ParsableCommand {
                 var kernels = try CPUKernels(path, pool: pool)
                 kernels.tasksPerThread = tasksPerThread
                 let name = path == .avx512 ? "vnni" : "portable"
-                let peak = path == .avx512 ? measuredVNNIPeak(pool) : 0  // 0: not measured, memory bound only
+                let peak = path == .avx512 ? kernels.measuredPeakIntOps() ?? 0 : 0  // 0: not measured, memory bound only
                 var T = 1
                 while T <= maxTokens {
                     if path == .portable && T > 4 { break }  // minutes per row beyond this
                     let x = KernelSelfTest.random(T * D, seed: UInt64(T))
                     var y = [Float](repeating: 0, count: T * D)
-                    kernels.expertFFN(x, quantized[0], &y, tokens: T)  // warm-up
-                    var calls = 0
-                    let start = ContinuousClock.now
-                    repeat {
-                        kernels.expertFFN(x, quantized[calls % quantized.count], &y, tokens: T)
-                        calls += 1
-                    } while secondsSince(start) < minSeconds || calls < 3
-                    let seconds = secondsSince(start) / Double(calls)
+                    let seconds = secondsPerCall { call in kernels.expertFFN(x, quantized[call % quantized.count], &y, tokens: T) }
                     rows.append(KernelRow(dtype: format.rawValue, path: name, tokens: T, bytes: bytes, ms: seconds * 1e3,
                                           gbps: bytes / seconds / 1e9, gflops: 2 * 3 * Double(D * F * T) / seconds / 1e9,
                                           fraction: 0, bound: "", peakGflops: peak / 1e9, bandwidthGbps: 0, threads: pool.threadCount))
@@ -215,21 +206,6 @@ struct BenchKernels: ParsableCommand {
             }
         }
         return rows
-    }
-
-    /// vpdpbusd throughput with every thread in a register-only loop (2 int8 ops per multiply-add).
-    private func measuredVNNIPeak(_ pool: ThreadPool) -> Double {
-        let ops = UnsafeMutablePointer<Double>.allocate(capacity: pool.threadCount)
-        defer { ops.deallocate() }
-        let po = Unchecked(ops)
-        var iterations = 1 << 14
-        while true {
-            let start = ContinuousClock.now
-            pool.parallelFor(pool.threadCount) { t in po.value[t] = duet_peak_vnni(iterations) }
-            let elapsed = secondsSince(start)
-            if elapsed >= 0.2 { return (0..<pool.threadCount).reduce(0) { $0 + ops[$1] } / elapsed }
-            iterations *= 2
-        }
     }
 
     struct KernelRow: Encodable {

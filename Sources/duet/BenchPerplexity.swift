@@ -53,8 +53,7 @@ struct BenchPerplexity: ParsableCommand {
         var sets: [(name: String, experts: [[QuantizedExpert]]?)] = []
         for f in formats {
             guard let format = QuantFormat(rawValue: f) else { sets.append((f, nil)); continue }
-            let cache = engine.quantCache == "none" ? nil : engine.quantCache ?? QuantizedExpertCache.defaultDirectory()
-            sets.append((f, try model.quantizedExperts(format, cacheDirectory: cache).0))
+            sets.append((f, try model.quantizedExperts(format, cacheDirectory: engine.quantCacheDirectory).0))
         }
         var nll = [Double](repeating: 0, count: sets.count), scored = 0
         var errors = [Double](repeating: 0, count: sets.count)

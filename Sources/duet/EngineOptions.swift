@@ -71,6 +71,9 @@ struct EngineOptions: ParsableArguments {
         if let gpuMemory, parseByteSize(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, 800MiB or 1073741824, got '\(gpuMemory)'") }
     }
 
+    /// Where quantized experts are cached (nil: `--quant-cache none`).
+    var quantCacheDirectory: String? { quantCache == "none" ? nil : quantCache ?? QuantizedExpertCache.defaultDirectory() }
+
     /// The kernels (and thread pool) the options ask for.
     func makeKernels() throws -> CPUKernels {
         try CPUKernels(kernels, pool: ThreadPool(threads: threads ?? ThreadPool.availableCores))
@@ -103,7 +106,7 @@ struct EngineOptions: ParsableArguments {
         }
         if let format = expertDtype.format {
             guard let mixtral = model as? MixtralModel else { throw CLIError("--expert-dtype supports Mixtral-family models") }
-            let report = try mixtral.quantizeExperts(format, cacheDirectory: quantCache == "none" ? nil : quantCache ?? QuantizedExpertCache.defaultDirectory())
+            let report = try mixtral.quantizeExperts(format, cacheDirectory: quantCacheDirectory)
             Console.err("experts \(report.fromCache ? "mapped from" : "quantized to") \(format.rawValue) (\(report.experts) experts, "
                 + "\(report.bytes >> 20) MiB) in \(fixed(report.seconds, 2)) s\(report.cachePath.map { report.fromCache ? " (\($0))" : ", cached in \($0)" } ?? "")\n")
         }
