@@ -52,11 +52,10 @@ final class ServerMetrics: Sendable {
         advance(generatedTokens, "generated", to: Double(load.generatedTokens))
         advance(promptTokens, "prompt", to: Double(load.promptTokens))
         advance(steps, "steps", to: Double(load.steps))
-        let now = ContinuousClock.now
         let rate: Double = lastScrape.withLock { last in
-            defer { last = (now, load.generatedTokens) }
+            defer { last = (.now, load.generatedTokens) }
             guard let (then, tokens) = last else { return 0 }
-            let seconds = secondsSince(then) - secondsSince(now)
+            let seconds = secondsSince(then)
             return seconds > 0 ? Double(load.generatedTokens - tokens) / seconds : 0
         }
         tokensPerSecond.set(rate)
