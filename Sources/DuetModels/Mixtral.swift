@@ -189,8 +189,11 @@ public final class MixtralModel: LanguageModel {
     /// Sees every layer's routing decisions (layer, one choice per token): popularity
     /// profiles and tests.
     public var routingObserver: ((Int, [ExpertChoice]) -> Void)?
-    /// Expert work done so far (all of it on the CPU here).
+    /// Expert work done so far (on the CPU here, unless an executor reports its own).
     public let expertUsage = ExpertUsage()
+    /// Runs the routed experts of every MoE layer instead of the CPU loop below (the
+    /// offload executor: some experts on a device, the rest on the CPU); nil: all on the CPU.
+    public var expertExecutor: (any ExpertExecutor)?
 
     /// Opens `directory` (config.json, safetensors, optional generation_config.json) and
     /// checks every tensor's name and shape; tensor data stays on disk until used.
@@ -365,27 +368,26 @@ public final class MixtralModel: LanguageModel {
         let choices = routeTopK(routerLogits, tokens: T, experts: E, k: c.numExpertsPerToken)
         routingObserver?(layerIndex, choices)
 
-        var assigned = [[(token: Int, weight: Float)]](repeating: [], count: E)  // (E) tokens routed to e
+        var assigned = [[ExpertAssignment]](repeating: [], count: E)  // (E) tokens routed to e
         for (t, choice) in choices.enumerated() {
-            for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append((t, w)) }
+            for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append(ExpertAssignment(token: t, weight: w)) }
         }
-        var out = [Float](repeating: 0, count: T * D)  // [T, D]
+        if let executor = expertExecutor {
+            return executor.runExperts(layer: layerIndex, hidden: h, assignments: assigned, tokens: T)
+        }
         let start = ContinuousClock.now
-        defer { expertUsage.addCPU(tokenExperts: T * c.numExpertsPerToken, seconds: secondsSince(start)) }
+        var outputs = [[Float]?](repeating: nil, count: E)
         for e in 0..<E where !assigned[e].isEmpty {
-            let rows = assigned[e]
-            var xs = [Float](repeating: 0, count: rows.count * D)  // [Te, D]
-            for (i, r) in rows.enumerated() { xs.replaceSubrange((i * D)..<((i + 1) * D), with: h[(r.token * D)..<((r.token + 1) * D)]) }
-            let ys = expertFFN(xs, layer.experts[e], tokens: rows.count)  // [Te, D]
-            for (i, r) in rows.enumerated() {
-                for j in 0..<D { out[r.token * D + j] += r.weight * ys[i * D + j] }
-            }
+            outputs[e] = expertFFN(gatherRows(h, assigned[e], dim: D), layer: layerIndex, expert: e, tokens: assigned[e].count)
         }
-        return out
+        expertUsage.addCPU(tokenExperts: T * c.numExpertsPerToken, seconds: secondsSince(start))
+        return combineExperts(outputs, assigned, tokens: T, dim: D)
     }
 
-    /// SwiGLU expert: `w2(silu(w1 x) * w3 x)`, on its quantized weights when it has them. x `[Te, D]` -> `[Te, D]`
-    private func expertFFN(_ x: [Float], _ expert: MixtralExpert, tokens T: Int) -> [Float] {
+    /// SwiGLU expert `(layer, expert)` on the CPU: `w2(silu(w1 x) * w3 x)`, on its quantized
+    /// weights when it has them. x `[Te, D]` -> `[Te, D]`
+    public func expertFFN(_ x: [Float], layer l: Int, expert e: Int, tokens T: Int) -> [Float] {
+        let expert = layers[l].experts[e]
         var y = [Float](repeating: 0, count: T * config.hiddenSize)
         if let q = expert.quantized {
             kernels.expertFFN(x, q, &y, tokens: T)
@@ -444,6 +446,44 @@ extension MixtralModel {
         let active = config.numHiddenLayers * config.numExpertsPerToken
         return stored - Int(Double(active * config.parametersPerExpert) * perParameter) + active * q.byteCount
     }
+}
+
+/// One token routed to an expert, with the router's weight for it.
+public struct ExpertAssignment: Sendable, Equatable {
+    public var token: Int
+    public var weight: Float
+    public init(token: Int, weight: Float) {
+        self.token = token
+        self.weight = weight
+    }
+}
+
+/// Runs one MoE layer's routed experts (the seam between the model and the offload executor).
+public protocol ExpertExecutor: AnyObject {
+    /// `[T, D]`: for every token, the router-weighted sum of its experts' outputs, summed in
+    /// ascending expert order (`combineExperts`), so the result does not depend on where
+    /// each expert ran. `assignments[e]`: the tokens routed to expert e.
+    func runExperts(layer: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float]
+}
+
+/// The rows of `h` `[T, D]` routed to one expert, packed. `[Te, D]`
+public func gatherRows(_ h: [Float], _ rows: [ExpertAssignment], dim D: Int) -> [Float] {
+    var xs = [Float](repeating: 0, count: rows.count * D)
+    for (i, r) in rows.enumerated() { xs.replaceSubrange((i * D)..<((i + 1) * D), with: h[(r.token * D)..<((r.token + 1) * D)]) }
+    return xs
+}
+
+/// `[T, D]`: each expert's outputs `[Te, D]` (nil where no token went) weighted by the
+/// router and summed per token in ascending expert order.
+public func combineExperts(_ outputs: [[Float]?], _ assigned: [[ExpertAssignment]], tokens T: Int, dim D: Int) -> [Float] {
+    var out = [Float](repeating: 0, count: T * D)
+    for (e, ys) in outputs.enumerated() {
+        guard let ys else { continue }
+        for (i, r) in assigned[e].enumerated() {
+            for j in 0..<D { out[r.token * D + j] += r.weight * ys[i * D + j] }
+        }
+    }
+    return out
 }
 
 /// `x += y`, elementwise.

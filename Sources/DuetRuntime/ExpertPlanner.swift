@@ -9,7 +9,7 @@
 /// hand-computable cases.
 public enum ExpertPlanner {
     /// Seconds as a function of the tokens an expert gets: `fixed + perToken * T` (0 tokens: 0).
-    public struct Cost: Sendable, Equatable {
+    public struct Cost: Sendable, Equatable, Codable {
         public var fixed: Double
         public var perToken: Double
         public init(fixed: Double, perToken: Double) {
@@ -20,7 +20,7 @@ public enum ExpertPlanner {
     }
 
     /// The measured costs of one expert shape and dtype.
-    public struct LatencyModel: Sendable, Equatable {
+    public struct LatencyModel: Sendable, Equatable, Codable {
         public var cpu: Cost
         public var gpu: Cost
         /// Copying one expert's weights host -> device.

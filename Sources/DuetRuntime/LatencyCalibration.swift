@@ -1,0 +1,154 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
+import DuetCore
+import DuetFormats
+
+
+/// The planner's latency model as measured on one machine (`duet calibrate`, or a few
+/// seconds at start-up): per token count, the CPU and device time of one expert FFN, and
+/// the time to copy one expert's weights to the device. Keyed by a fingerprint of the
+/// machine, the thread count and the expert's shape, so a file from another setup is not used.
+public struct LatencyCalibration: Codable, Sendable, Equatable {
+    public struct Point: Codable, Sendable, Equatable {
+        public var tokens: Int
+        public var cpuSeconds: Double
+        public var deviceSeconds: Double
+        public init(tokens: Int, cpuSeconds: Double, deviceSeconds: Double) {
+            self.tokens = tokens
+            self.cpuSeconds = cpuSeconds
+            self.deviceSeconds = deviceSeconds
+        }
+    }
+    public var fingerprint: String
+    public var points: [Point]
+    public var transferSeconds: Double
+    /// The linear fits the planner uses.
+    public var model: ExpertPlanner.LatencyModel
+
+    public init(fingerprint: String, points: [Point], transferSeconds: Double) {
+        self.fingerprint = fingerprint
+        self.points = points
+        self.transferSeconds = transferSeconds
+        model = ExpertPlanner.LatencyModel(
+            cpu: Self.fit(points.map { ($0.tokens, $0.cpuSeconds) }),
+            gpu: Self.fit(points.map { ($0.tokens, $0.deviceSeconds) }),
+            transfer: transferSeconds)
+    }
+
+    /// Least-squares `fixed + perToken * T` through the points, both terms kept >= 0.
+    static func fit(_ points: [(Int, Double)]) -> ExpertPlanner.Cost {
+        let n = Double(points.count)
+        guard n > 0 else { return ExpertPlanner.Cost(fixed: 0, perToken: 0) }
+        let mx = points.reduce(0.0) { $0 + Double($1.0) } / n, my = points.reduce(0.0) { $0 + $1.1 } / n
+        let sxx = points.reduce(0.0) { $0 + (Double($1.0) - mx) * (Double($1.0) - mx) }
+        let sxy = points.reduce(0.0) { $0 + (Double($1.0) - mx) * ($1.1 - my) }
+        var slope = sxx > 0 ? max(0, sxy / sxx) : 0
+        var fixed = my - slope * mx
+        if fixed < 0 {  // refit through the origin
+            fixed = 0
+            let sx2 = points.reduce(0.0) { $0 + Double($1.0) * Double($1.0) }
+            slope = sx2 > 0 ? points.reduce(0.0) { $0 + Double($1.0) * $1.1 } / sx2 : 0
+        }
+        return ExpertPlanner.Cost(fixed: fixed, perToken: slope)
+    }
+
+    /// The machine, thread count, device and expert shape a calibration belongs to.
+    public static func fingerprint(threads: Int, device: String, shape: ExpertShape, cpuPath: String) -> String {
+        "\(cpuModelName()) | \(threads) threads, \(cpuPath) kernels | \(device) | expert \(shape.hidden)x\(shape.ffn) \(shape.dtype.rawValue)"
+    }
+
+    /// Where `duet calibrate` writes the calibration for `fingerprint`.
+    public static func path(directory: String, fingerprint: String) -> String {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        for b in fingerprint.utf8 { h = (h ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        return joinPath(directory, "latency-\(String(h, radix: 16)).json")
+    }
+
+    /// The calibration stored for `fingerprint` in `directory`, if any (a damaged or
+    /// foreign file counts as none).
+    public static func load(directory: String, fingerprint: String) -> LatencyCalibration? {
+        let path = path(directory: directory, fingerprint: fingerprint)
+        guard fileExists(path), let bytes = try? readSmallFile(path),
+              let c = try? JSONDecoder().decode(LatencyCalibration.self, from: Data(bytes)), c.fingerprint == fingerprint else { return nil }
+        return c
+    }
+
+    /// Writes it where `load` finds it; returns the path.
+    public func save(directory: String) throws -> String {
+        makeDirectories(directory)
+        let path = Self.path(directory: directory, fingerprint: fingerprint)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        try writeFile(Array(try encoder.encode(self)), to: path)
+        return path
+    }
+}
+
+/// The CPU's model name from /proc/cpuinfo ("unknown CPU" elsewhere).
+func cpuModelName() -> String {
+    guard let f = fopen("/proc/cpuinfo", "r") else { return "unknown CPU" }
+    defer { fclose(f) }
+    var line = [CChar](repeating: 0, count: 1024)
+    while fgets(&line, Int32(line.count), f) != nil {
+        let text = String(cString: line)
+        if text.hasPrefix("model name"), let colon = text.firstIndex(of: ":") {
+            return String(text[text.index(after: colon)...].drop { $0 == " " || $0 == "\t" }.prefix { $0 != "\n" })
+        }
+    }
+    return "unknown CPU"
+}
+
+extension OffloadExecutor {
+    /// Measures the latency model on this machine now: the CPU and the device each run one
+    /// expert at `tokenCounts` tokens (best of `repeats`), and the device copies one expert's
+    /// weights into a slot. Takes a few seconds for a Mixtral-8x7B expert; the planner uses the result.
+    public func calibrate(tokenCounts: [Int] = [1, 8, 32], repeats: Int = 3, fingerprint: String) throws(DeviceError) -> LatencyCalibration {
+        let D = shape.hidden
+        let probe = ExpertKey(layer: 0, expert: 0)
+        let slot = try calibrationSlot(probe)
+        var points: [LatencyCalibration.Point] = []
+        for T in tokenCounts {
+            var rng = SplitMix(seed: UInt64(T))
+            let x = (0..<(T * D)).map { _ in rng.nextFloat() }
+            var cpu = Double.infinity, onDevice = Double.infinity
+            for _ in 0..<repeats {
+                let start = ContinuousClock.now
+                _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: T)
+                cpu = min(cpu, secondsSince(start))
+                try device.submit([DeviceJob(slot: slot, copy: nil, tokens: T)], input: x)
+                onDevice = min(onDevice, try device.collect().computeSeconds)
+            }
+            points.append(.init(tokens: T, cpuSeconds: cpu, deviceSeconds: onDevice))
+        }
+        var transfer = Double.infinity
+        let expert = model.layers[probe.layer].experts[probe.expert]
+        for _ in 0..<max(2, repeats - 1) {
+            try device.submit([DeviceJob(slot: slot, copy: expert, tokens: 1)], input: [Float](repeating: 0, count: D))
+            transfer = min(transfer, try device.collect().copySeconds)
+        }
+        let calibration = LatencyCalibration(fingerprint: fingerprint, points: points, transferSeconds: transfer)
+        use(calibration.model)
+        return calibration
+    }
+}
+
+/// A tiny deterministic generator for calibration inputs.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    mutating func nextFloat() -> Float { Float(next() >> 40) * (1.0 / Float(1 << 23)) - 1 }
+}

@@ -1,0 +1,280 @@
+import DuetCore
+import DuetCPU
+import DuetModels
+
+/// How the offload executor treats experts that are not resident on the device.
+public enum OffloadPolicy: String, Sendable, CaseIterable {
+    /// Fiddler's idea with a makespan planner: popular experts resident; each other routed
+    /// expert computed on the CPU or copied and computed on the device, whichever finishes
+    /// the layer sooner under the measured latency model.
+    case fiddler
+    /// mixtral-offloading's: every routed non-resident expert is copied to the device into
+    /// an LRU cache of experts that fills the budget.
+    case gpuSwap = "gpu-swap"
+    /// llama.cpp's -ngl: whole layers' experts resident, every other expert on the CPU.
+    case layerSplit = "layer-split"
+}
+
+/// Where one run's expert time went (wall-clock seconds on the forward thread, summed over
+/// MoE layers), and what moved.
+public struct OffloadStats: Sendable, Equatable {
+    public var layerSteps = 0
+    /// Token-expert pairs by where they ran.
+    public var residentTokenExperts = 0
+    public var copiedTokenExperts = 0
+    public var cpuTokenExperts = 0
+    public var copiedExperts = 0
+    public var bytesCopied = 0
+    /// Host activation bytes sent to the device and results back.
+    public var activationBytes = 0
+    /// The CPU computing experts; waiting for the device after that; device copy and compute
+    /// time as the device measured it (they overlap the CPU's).
+    public var cpuSeconds = 0.0
+    public var deviceWaitSeconds = 0.0
+    public var deviceCopySeconds = 0.0
+    public var deviceComputeSeconds = 0.0
+    /// Device failures that sent experts back to the CPU.
+    public var fallbacks = 0
+
+    /// Share of routed token-expert pairs whose expert was resident.
+    public var hitRate: Double {
+        let total = residentTokenExperts + copiedTokenExperts + cpuTokenExperts
+        return total == 0 ? 0 : Double(residentTokenExperts) / Double(total)
+    }
+}
+
+/// Runs a Mixtral model's MoE layers across the CPU and an `ExpertDevice` (installed as the
+/// model's `expertExecutor`): per layer and step, the planner sends each routed expert to
+/// its resident slot, to the CPU, or through a streaming slot; the device's jobs are
+/// submitted first, the CPU's run meanwhile on the model's pool, and the outputs are
+/// combined on the host in ascending expert order — identical to the plain CPU path
+/// whatever ran where.
+public final class OffloadExecutor: ExpertExecutor {
+    public let model: MixtralModel
+    public let device: any ExpertDevice
+    public let policy: OffloadPolicy
+    public let placement: ExpertPlacement
+    public let shape: ExpertShape
+    /// The latency model the planner uses: measured at start, scaled by what steps measure.
+    public private(set) var latency: ExpertPlanner.LatencyModel
+    public private(set) var stats = OffloadStats()
+    /// Warnings for the user (device failures), taken by the caller.
+    public private(set) var warnings: [String] = []
+
+    private var slotOf: [ExpertKey: Int] = [:]
+    /// Slots whose contents change during a run: fiddler's two streaming buffers, or every
+    /// slot of gpu-swap's cache (LRU order: least recently used first).
+    private var streaming: [Int] = []
+    private var contents: [Int: ExpertKey] = [:]
+    private var nextStreaming = 0
+
+    /// Device slots `policy` needs beyond the resident experts.
+    public static func streamingSlots(_ policy: OffloadPolicy) -> Int { policy == .fiddler ? 2 : 0 }
+
+    /// Prepares the device (slots and workspace within its budget), fills the resident
+    /// experts, and page-locks the experts it may stream. `maxRows`: most token rows one
+    /// step sends to the device (tokens x experts per token).
+    public init(model: MixtralModel, device: any ExpertDevice, policy: OffloadPolicy, placement: ExpertPlacement,
+                latency: ExpertPlanner.LatencyModel, maxRows: Int) throws(DeviceError) {
+        let first = model.layers[0].experts[0]
+        shape = ExpertShape(hidden: model.config.hiddenSize, ffn: model.config.intermediateSize, dtype: first.gate.dtype)
+        self.model = model
+        self.device = device
+        self.policy = policy
+        self.latency = latency
+        let wanted = placement.resident.count + Self.streamingSlots(policy)
+        let got = try device.prepare(shape: shape, slots: wanted, maxRows: maxRows)
+        // Fewer slots than planned (a real out-of-memory): the least popular residents go.
+        let residentCount = min(placement.resident.count, max(0, got - Self.streamingSlots(policy)))
+        if residentCount < placement.resident.count {
+            warnings.append("the device gave \(got) of \(wanted) expert slots; \(residentCount) experts resident instead of \(placement.resident.count)")
+        }
+        self.placement = placement.prefix(residentCount)
+        for (slot, key) in self.placement.resident.enumerated() {
+            try device.fill(slot: slot, with: model.layers[key.layer].experts[key.expert])
+            slotOf[key] = slot
+            contents[slot] = key
+        }
+        switch policy {
+        case .fiddler: streaming = Array(residentCount..<got)
+        case .gpuSwap: streaming = Array(0..<got)  // the resident set is the cache's initial contents
+        case .layerSplit: streaming = []
+        }
+    }
+
+    /// Page-locks the host memory of every expert this policy may stream (fiddler, gpu-swap);
+    /// returns the bytes registered.
+    public func pinStreamedExperts() -> Int {
+        guard policy != .layerSplit else { return 0 }
+        var experts: [MixtralExpert] = []
+        for l in 0..<placement.layers {
+            for e in 0..<placement.experts where !placement.isResident(ExpertKey(layer: l, expert: e)) {
+                experts.append(model.layers[l].experts[e])
+            }
+        }
+        return device.pin(experts)
+    }
+
+    public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float] {
+        let D = model.config.hiddenSize, E = assignments.count
+        let plan = makePlan(layer: l, assignments: assignments)
+        var outputs = [[Float]?](repeating: nil, count: E)
+
+        // Device first: it works while the CPU computes the rest.
+        var deviceExperts: [Int] = []
+        var jobs: [DeviceJob] = []
+        var input: [Float] = []
+        for e in plan.resident + plan.copied {
+            let key = ExpertKey(layer: l, expert: e)
+            let (slot, copy) = slotFor(key)
+            jobs.append(DeviceJob(slot: slot, copy: copy ? model.layers[l].experts[e] : nil, tokens: assignments[e].count))
+            input += gatherRows(h, assignments[e], dim: D)
+            deviceExperts.append(e)
+        }
+        var submitted = false
+        if !jobs.isEmpty {
+            do {
+                try device.submit(jobs, input: input)
+                submitted = true
+            } catch {
+                fallBack(error, experts: deviceExperts, copied: plan.copied, layer: l)
+            }
+        }
+
+        let cpuExperts = submitted ? plan.cpu : (plan.cpu + deviceExperts).sorted()
+        let cpuStart = ContinuousClock.now
+        for e in cpuExperts {
+            outputs[e] = model.expertFFN(gatherRows(h, assignments[e], dim: D), layer: l, expert: e, tokens: assignments[e].count)
+        }
+        let cpuSeconds = secondsSince(cpuStart)
+
+        if submitted {
+            let waitStart = ContinuousClock.now
+            do {
+                let result = try device.collect()
+                var row = 0
+                for (job, e) in zip(jobs, deviceExperts) {
+                    outputs[e] = Array(result.outputs[(row * D)..<((row + job.tokens) * D)])
+                    row += job.tokens
+                }
+                record(plan, assignments: assignments, result: result, rows: row)
+            } catch {
+                fallBack(error, experts: deviceExperts, copied: plan.copied, layer: l)
+                for e in deviceExperts {
+                    outputs[e] = model.expertFFN(gatherRows(h, assignments[e], dim: D), layer: l, expert: e, tokens: assignments[e].count)
+                }
+            }
+            stats.deviceWaitSeconds += secondsSince(waitStart)
+        }
+        stats.cpuSeconds += cpuSeconds
+        stats.cpuTokenExperts += cpuExperts.reduce(0) { $0 + assignments[$1].count }
+        stats.layerSteps += 1
+        refreshCPU(measured: cpuSeconds, experts: cpuExperts, assignments: assignments)
+        model.expertUsage.addCPU(tokenExperts: cpuExperts.reduce(0) { $0 + assignments[$1].count }, seconds: cpuSeconds)
+        return combineExperts(outputs, assignments, tokens: T, dim: D)
+    }
+
+    /// The policy's decision for one layer's routed experts.
+    func makePlan(layer l: Int, assignments: [[ExpertAssignment]]) -> ExpertPlanner.Plan {
+        let loads = assignments.indices.filter { !assignments[$0].isEmpty }.map { e in
+            ExpertPlanner.Load(expert: e, tokens: assignments[e].count, resident: slotOf[ExpertKey(layer: l, expert: e)] != nil)
+        }
+        switch policy {
+        case .fiddler where !streaming.isEmpty:
+            return ExpertPlanner.plan(loads, model: latency)
+        case .gpuSwap where !streaming.isEmpty:
+            // More routed experts than slots: slots are reused within the step, in order
+            // (the device copies into a slot only after the job before it there is done).
+            var plan = ExpertPlanner.Plan()
+            for load in loads { if load.resident { plan.resident.append(load.expert) } else { plan.copied.append(load.expert) } }
+            return plan
+        default:  // layer-split, or no streaming slots: the CPU takes every non-resident expert
+            var plan = ExpertPlanner.Plan()
+            for load in loads { if load.resident { plan.resident.append(load.expert) } else { plan.cpu.append(load.expert) } }
+            return plan
+        }
+    }
+
+    /// The slot `key` runs from, and whether its weights must be copied there first.
+    private func slotFor(_ key: ExpertKey) -> (slot: Int, copy: Bool) {
+        if let slot = slotOf[key] {
+            touch(slot)
+            return (slot, false)
+        }
+        let slot: Int
+        if policy == .gpuSwap {
+            slot = streaming.removeFirst()  // least recently used (this step's hits were touched last)
+            streaming.append(slot)
+        } else {
+            slot = streaming[nextStreaming % streaming.count]
+            nextStreaming += 1
+        }
+        if policy == .gpuSwap {
+            if let old = contents[slot] { slotOf[old] = nil }
+            slotOf[key] = slot
+        }
+        contents[slot] = key
+        return (slot, true)
+    }
+
+    private func touch(_ slot: Int) {
+        guard policy == .gpuSwap, let i = streaming.firstIndex(of: slot) else { return }
+        streaming.remove(at: i)
+        streaming.append(slot)
+    }
+
+    private func record(_ plan: ExpertPlanner.Plan, assignments: [[ExpertAssignment]], result: DeviceResult, rows: Int) {
+        stats.residentTokenExperts += plan.resident.reduce(0) { $0 + assignments[$1].count }
+        stats.copiedTokenExperts += plan.copied.reduce(0) { $0 + assignments[$1].count }
+        stats.copiedExperts += plan.copied.count
+        stats.bytesCopied += plan.copied.count * shape.bytes
+        stats.activationBytes += 2 * rows * shape.hidden * 4
+        stats.deviceCopySeconds += result.copySeconds
+        stats.deviceComputeSeconds += result.computeSeconds
+        model.expertUsage.addGPU(tokenExperts: (plan.resident + plan.copied).reduce(0) { $0 + assignments[$1].count }, seconds: result.computeSeconds)
+        if !plan.copied.isEmpty, result.copySeconds > 0 {
+            latency.transfer = 0.8 * latency.transfer + 0.2 * result.copySeconds / Double(plan.copied.count)
+        }
+    }
+
+    /// Scales the CPU cost by what this step measured (an exponential moving average), so
+    /// the planner follows the machine as it is now (other load, frequency, bandwidth).
+    private func refreshCPU(measured: Double, experts: [Int], assignments: [[ExpertAssignment]]) {
+        let predicted = experts.reduce(0.0) { $0 + latency.cpu(assignments[$1].count) }
+        guard predicted > 0, measured > 0 else { return }
+        let ratio = min(4, max(0.25, measured / predicted))
+        let scale = 0.8 + 0.2 * ratio
+        latency.cpu = ExpertPlanner.Cost(fixed: latency.cpu.fixed * scale, perToken: latency.cpu.perToken * scale)
+    }
+
+    /// Counts and reports a failed device step; slots that were being filled hold nothing usable.
+    private func fallBack(_ error: any Error, experts: [Int], copied: [Int], layer l: Int) {
+        for e in copied {
+            let key = ExpertKey(layer: l, expert: e)
+            if let slot = slotOf[key], policy == .gpuSwap { contents[slot] = nil; slotOf[key] = nil }
+        }
+        stats.fallbacks += 1
+        if warnings.count < 8 { warnings.append("device step failed (\(error)); \(experts.count) experts ran on the CPU instead") }
+    }
+
+    /// A slot holding `key`'s weights for calibration: its resident slot, else a streaming
+    /// slot filled with it (a gpu-swap cache entry is dropped for it).
+    func calibrationSlot(_ key: ExpertKey) throws(DeviceError) -> Int {
+        if let slot = slotOf[key] { return slot }
+        guard let slot = streaming.first else { throw .failed("no device slot to calibrate with (the budget holds no expert)") }
+        if let old = contents[slot] { slotOf[old] = nil }
+        contents[slot] = key
+        if policy == .gpuSwap { slotOf[key] = slot }
+        try device.fill(slot: slot, with: model.layers[key.layer].experts[key.expert])
+        return slot
+    }
+
+    /// Replaces the planner's latency model (a calibration loaded from a file).
+    public func use(_ latency: ExpertPlanner.LatencyModel) { self.latency = latency }
+
+    /// Hands over the warnings gathered so far.
+    public func takeWarnings() -> [String] {
+        defer { warnings = [] }
+        return warnings
+    }
+}

@@ -1,0 +1,191 @@
+import DuetCore
+import DuetCPU
+import DuetFormats
+import DuetModels
+import DuetRuntime
+import DuetTestSupport
+import Testing
+
+/// Placement from a profile, by hand-computable cases.
+struct ExpertPlacementTests {
+    /// 2 layers x 3 experts; counts chosen so the order is unambiguous except one tie.
+    private func profile() -> ExpertProfile {
+        var p = ExpertProfile(model: "test", layers: 2, experts: 3)
+        p.counts = [[5, 1, 9], [5, 7, 0]]
+        p.tokens = 13
+        return p
+    }
+
+    @Test func popularFirstTiesByLayerThenExpert() {
+        let placement = ExpertPlacement.make(layers: 2, experts: 3, capacity: 4, order: .profile, profile: profile())
+        // 9 (0,2), 7 (1,1), then the tie 5 (0,0) before 5 (1,0).
+        #expect(placement.resident == [.init(layer: 0, expert: 2), .init(layer: 1, expert: 1), .init(layer: 0, expert: 0), .init(layer: 1, expert: 0)])
+        #expect(placement.resident(layer: 0) == [0, 2])
+        // (9 + 7 + 5 + 5) of 27 picks.
+        #expect(abs(placement.hitRate(profile()) - 26.0 / 27.0) < 1e-12)
+        #expect(placement.prefix(1).resident == [.init(layer: 0, expert: 2)])
+    }
+
+    @Test func documentedOrdersWithoutAProfile() {
+        let balanced = ExpertPlacement.make(layers: 2, experts: 3, capacity: 3, order: .layerBalanced)
+        #expect(balanced.resident == [.init(layer: 0, expert: 0), .init(layer: 1, expert: 0), .init(layer: 0, expert: 1)])
+        let layers = ExpertPlacement.make(layers: 2, experts: 3, capacity: 4, order: .wholeLayers)
+        #expect(layers.resident(layer: 0) == [0, 1, 2])
+        #expect(layers.resident(layer: 1) == [0])
+        #expect(abs(layers.hitRate(profile()) - 20.0 / 27.0) < 1e-12)
+    }
+
+    @Test func capacityFromTheBudget() {
+        #expect(ExpertPlacement.capacity(budget: 1000, reserved: 100, bytesPerExpert: 300, total: 8) == 3)
+        #expect(ExpertPlacement.capacity(budget: 1000, reserved: 100, bytesPerExpert: 100, total: 8) == 8)
+        #expect(ExpertPlacement.capacity(budget: 100, reserved: 200, bytesPerExpert: 10, total: 8) == 0)
+    }
+
+    @Test func profileRoundTripAndBadFiles() throws {
+        let dir = makeTemporaryDirectory()
+        try profile().save(path: dir + "/p.json")
+        #expect(try ExpertProfile.load(path: dir + "/p.json") == profile())
+        try writeFile(Array("{\"model\":\"m\",\"layers\":2,\"experts\":3,\"tokens\":1,\"counts\":[[1,2,3]]}".utf8), to: dir + "/short.json")
+        #expect(throws: PlacementError.self) { try ExpertProfile.load(path: dir + "/short.json") }
+        try writeFile(Array("not json".utf8), to: dir + "/bad.json")
+        do {
+            _ = try ExpertProfile.load(path: dir + "/bad.json")
+            Issue.record("a damaged profile loaded")
+        } catch {
+            #expect("\(error)".contains(dir + "/bad.json"))
+        }
+        #expect(throws: PlacementError.self) { try profile().check(layers: 3, experts: 3, path: "p") }
+    }
+
+    @Test func latencyFitIsLeastSquares() {
+        // Points on 2 + 0.5 T exactly, then a fit forced through the origin.
+        let exact = LatencyCalibration(fingerprint: "f", points: [.init(tokens: 1, cpuSeconds: 2.5, deviceSeconds: 1),
+                                                                  .init(tokens: 9, cpuSeconds: 6.5, deviceSeconds: 0)], transferSeconds: 3)
+        #expect(abs(exact.model.cpu.fixed - 2) < 1e-12 && abs(exact.model.cpu.perToken - 0.5) < 1e-12)
+        // Device times fall with T: slope clamped at 0, fixed = the mean.
+        #expect(exact.model.gpu.perToken == 0 && abs(exact.model.gpu.fixed - 0.5) < 1e-12)
+        #expect(exact.model.transfer == 3)
+    }
+}
+
+/// The offload executor with the CPU in the device role: the same placement, planner,
+/// executor and budget code the GPU runs, on CI.
+@Suite(.serialized) struct OffloadExecutorTests {
+    static let name = "mixtral-tiny-a"  // 2 layers x 4 experts, fp32
+
+    /// A model with an executor whose device holds `resident` experts (+ the policy's streaming slots).
+    private func offloaded(_ policy: OffloadPolicy, resident: Int, latency: ExpertPlanner.LatencyModel? = nil,
+                           kernels: CPUKernels = .reference()) throws -> (MixtralModel, OffloadExecutor, CPUExpertDevice) {
+        let model = try MixtralModel(directory: fixture(Self.name), kernels: kernels)
+        let c = model.config
+        let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+        let maxRows = 64 * c.numExpertsPerToken
+        let budget = CPUExpertDevice(kernels: kernels, memoryLimit: 0).workspaceBytes(shape: shape, maxRows: maxRows) + (resident + OffloadExecutor.streamingSlots(policy)) * shape.bytes
+        let limited = CPUExpertDevice(kernels: try CPUKernels(kernels.path, pool: ThreadPool(threads: 1)), memoryLimit: budget)
+        let order: ExpertPlacement.Order = policy == .layerSplit ? .wholeLayers : .layerBalanced
+        let placement = ExpertPlacement.make(layers: c.numHiddenLayers, experts: c.numLocalExperts, capacity: resident, order: order)
+        // Copying costs as much as 3 CPU tokens: prefill copies, decode computes on the CPU.
+        let model0 = latency ?? ExpertPlanner.LatencyModel(cpu: .init(fixed: 1e-3, perToken: 1e-3), gpu: .init(fixed: 1e-5, perToken: 1e-6), transfer: 3e-3)
+        let executor = try OffloadExecutor(model: model, device: limited, policy: policy, placement: placement, latency: model0, maxRows: maxRows)
+        model.expertExecutor = executor
+        return (model, executor, limited)
+    }
+
+    private func plainModel() throws -> MixtralModel { try MixtralModel(directory: fixture(Self.name), kernels: .reference()) }
+
+    /// Prefill + 6 decode steps' logits.
+    private func logits(_ model: MixtralModel) throws -> [[Float]] {
+        let cache = model.makeCache()
+        var out = [try model.forward([1, 17, 250, 31, 9, 77, 5, 120], cache: cache, allLogits: true)]
+        for t in [4, 88, 3, 200, 61, 7] as [Int32] { out.append(try model.forward([t], cache: cache, allLogits: false)) }
+        return out
+    }
+
+    @Test(arguments: OffloadPolicy.allCases)
+    func logitsEqualThePlainCPUPath(policy: OffloadPolicy) throws {
+        let expected = try logits(plainModel())
+        let (model, executor, device) = try offloaded(policy, resident: 3)
+        #expect(try logits(model) == expected, "\(policy)")
+        let s = executor.stats
+        #expect(s.residentTokenExperts > 0 && s.fallbacks == 0, "\(s)")
+        switch policy {
+        case .fiddler: #expect(s.cpuTokenExperts > 0 && s.copiedExperts > 0, "\(s)")  // the 8-token prefill copies
+        case .gpuSwap: #expect(s.cpuTokenExperts == 0 && s.copiedExperts > 0, "\(s)")
+        case .layerSplit: #expect(s.copiedExperts == 0 && s.cpuTokenExperts > 0, "\(s)")
+        }
+        #expect(device.memory.peak <= device.memory.limit && device.memory.peak > 0)
+        #expect(executor.placement.resident.count == 3)
+    }
+
+    @Test func layerSplitKeepsWholeLayers() throws {
+        let (_, executor, _) = try offloaded(.layerSplit, resident: 4)
+        #expect(executor.placement.resident(layer: 0) == [0, 1, 2, 3])
+        #expect(executor.placement.resident(layer: 1) == [])
+    }
+
+    @Test func aSmallerDeviceKeepsTheFirstExpertsAndSaysSo() throws {
+        let model = try plainModel()
+        let c = model.config
+        let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+        let device = CPUExpertDevice(kernels: .reference(), memoryLimit: 0)
+        let budget = device.workspaceBytes(shape: shape, maxRows: 8) + 4 * shape.bytes  // 2 resident + 2 streaming
+        let limited = CPUExpertDevice(kernels: .reference(), memoryLimit: budget)
+        let placement = ExpertPlacement.make(layers: 2, experts: 4, capacity: 5, order: .layerBalanced)
+        let executor = try OffloadExecutor(model: model, device: limited, policy: .fiddler, placement: placement,
+                                           latency: .init(cpu: .init(fixed: 1, perToken: 0), gpu: .init(fixed: 1, perToken: 0), transfer: 1), maxRows: 8)
+        #expect(executor.placement.resident == Array(placement.resident.prefix(2)))
+        #expect(executor.takeWarnings().first?.contains("2 experts resident instead of 5") == true)
+    }
+
+    @Test func beamSearchAndBatchesMatchThePlainPath() throws {
+        let options = BeamSearchOptions(width: 4, maxNewTokens: 6, stopTokenIds: [])
+        let expected = try beamSearch(model: plainModel(), prompt: [1, 17, 250], options: options)
+        let (model, executor, _) = try offloaded(.fiddler, resident: 2)
+        let got = try beamSearch(model: model, prompt: [1, 17, 250], options: options)
+        #expect(got.map(\.ids) == expected.map(\.ids))
+        #expect(zip(got, expected).allSatisfy { $0.score == $1.score })
+        #expect(executor.stats.residentTokenExperts > 0 && executor.stats.cpuTokenExperts > 0)
+
+        let plain = try plainModel()
+        let items = { (m: MixtralModel) in [BatchItem(tokens: [1, 5, 9], cache: m.makeCache()), BatchItem(tokens: [7], cache: m.makeCache())] }
+        #expect(try model.forwardBatch(items(model), allLogits: true) == plain.forwardBatch(items(plain), allLogits: true))
+    }
+
+    @Test func calibrationMeasuresEveryTerm() throws {
+        let (_, executor, _) = try offloaded(.fiddler, resident: 2)
+        let calibration = try executor.calibrate(tokenCounts: [1, 4], repeats: 2, fingerprint: "test")
+        #expect(calibration.points.map(\.tokens) == [1, 4])
+        #expect(calibration.points.allSatisfy { $0.cpuSeconds > 0 && $0.deviceSeconds > 0 })
+        #expect(calibration.transferSeconds > 0)
+        #expect(executor.latency == calibration.model)
+        let dir = makeTemporaryDirectory()
+        let path = try calibration.save(directory: dir)
+        #expect(path.hasPrefix(dir))
+        #expect(LatencyCalibration.load(directory: dir, fingerprint: "test") == calibration)
+        #expect(LatencyCalibration.load(directory: dir, fingerprint: "another machine") == nil)
+    }
+
+    @Test func aFailingDeviceFallsBackToTheCPU() throws {
+        let expected = try logits(plainModel())
+        let model = try plainModel()
+        let executor = try OffloadExecutor(model: model, device: FailingDevice(), policy: .fiddler,
+                                           placement: ExpertPlacement.make(layers: 2, experts: 4, capacity: 2, order: .layerBalanced),
+                                           latency: .init(cpu: .init(fixed: 1, perToken: 1), gpu: .init(fixed: 0, perToken: 0), transfer: 0), maxRows: 16)
+        model.expertExecutor = executor
+        #expect(try logits(model) == expected)
+        #expect(executor.stats.fallbacks > 0)
+        #expect(executor.takeWarnings().first?.contains("injected failure") == true)
+    }
+}
+
+/// A device whose steps always fail (after placement succeeds).
+private final class FailingDevice: ExpertDevice {
+    let name = "failing"
+    var memory: DeviceMemory { DeviceMemory(limit: 1 << 30, used: [:], peak: 0) }
+    func workspaceBytes(shape: ExpertShape, maxRows: Int) -> Int { 0 }
+    func prepare(shape: ExpertShape, slots count: Int, maxRows: Int) throws(DeviceError) -> Int { count }
+    func fill(slot: Int, with expert: MixtralExpert) throws(DeviceError) {}
+    func pin(_ experts: [MixtralExpert]) -> Int { 0 }
+    func submit(_ jobs: [DeviceJob], input: [Float]) throws(DeviceError) { throw .failed("injected failure") }
+    func collect() throws(DeviceError) -> DeviceResult { throw .failed("nothing submitted") }
+}
