@@ -28,7 +28,7 @@ let package = Package(
         // CUDA through dlopen (driver API, NVRTC): builds without CUDA, uses it where present.
         // One file per model family.
         .target(name: "DuetModels", dependencies: ["DuetCore", "DuetFormats", "DuetCPU"]),
-        .target(name: "DuetCUDA", dependencies: ["DuetCore", "DuetFormats", "DuetCPU", "DuetModels"]),
+        .target(name: "DuetCUDA", dependencies: ["DuetCore", "DuetFormats", "DuetCPU", "DuetModels", "DuetRuntime"]),
         // KV cache, samplers, the generation loop.
         .target(name: "DuetRuntime", dependencies: ["DuetCore", "DuetModels"]),
         // The OpenAI-compatible HTTP server: routes, validation, continuous batching, metrics.

@@ -44,6 +44,12 @@ public final class QuantizedMatrix: @unchecked Sendable {
     /// Bytes a full pass over the matrix reads: levels and scales.
     public var byteCount: Int { levelBytes + scaleBytes }
 
+    /// Bytes a `[rows, cols]` matrix takes in `format` (levels and scales).
+    public static func byteCount(format: QuantFormat, rows: Int, cols: Int) -> Int {
+        let (r, c) = paddedShape(rows: rows, cols: cols)
+        return r / 16 * (c / QuantFormat.groupSize) * format.blockBytes + r * (c / QuantFormat.groupSize) * 2
+    }
+
     public static func paddedShape(rows: Int, cols: Int) -> (rows: Int, cols: Int) {
         ((rows + 15) / 16 * 16, (cols + 31) / 32 * 32)
     }

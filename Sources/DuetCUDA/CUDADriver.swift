@@ -45,6 +45,20 @@ final class CUDADriver: @unchecked Sendable {
                                         UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32
     let cuCtxSynchronize: @convention(c) () -> Int32
     let cuGetErrorName: @convention(c) (Int32, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Int32
+    // Streams, events, asynchronous copies and page-locked host memory (the offload device).
+    let cuStreamCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Int32
+    let cuStreamWaitEvent: @convention(c) (OpaquePointer?, OpaquePointer?, UInt32) -> Int32
+    let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> Int32
+    let cuEventCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Int32
+    let cuEventRecord: @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
+    let cuEventSynchronize: @convention(c) (OpaquePointer?) -> Int32
+    let cuEventElapsedTime: @convention(c) (UnsafeMutablePointer<Float>, OpaquePointer?, OpaquePointer?) -> Int32
+    let cuMemcpyHtoDAsync: @convention(c) (CUdeviceptr, UnsafeRawPointer, Int, OpaquePointer?) -> Int32
+    let cuMemcpyDtoHAsync: @convention(c) (UnsafeMutableRawPointer, CUdeviceptr, Int, OpaquePointer?) -> Int32
+    let cuMemHostAlloc: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int, UInt32) -> Int32
+    let cuMemFreeHost: @convention(c) (UnsafeMutableRawPointer?) -> Int32
+    let cuMemHostRegister: @convention(c) (UnsafeMutableRawPointer?, Int, UInt32) -> Int32
+    let cuMemHostUnregister: @convention(c) (UnsafeMutableRawPointer?) -> Int32
 
     init() throws(CUDAError) {
         guard let h = dlopen("libcuda.so.1", RTLD_NOW) ?? dlopen("libcuda.so", RTLD_NOW) else {
@@ -72,6 +86,19 @@ final class CUDADriver: @unchecked Sendable {
         cuLaunchKernel = try sym("cuLaunchKernel", type(of: cuLaunchKernel))
         cuCtxSynchronize = try sym("cuCtxSynchronize", type(of: cuCtxSynchronize))
         cuGetErrorName = try sym("cuGetErrorName", type(of: cuGetErrorName))
+        cuStreamCreate = try sym("cuStreamCreate", type(of: cuStreamCreate))
+        cuStreamWaitEvent = try sym("cuStreamWaitEvent", type(of: cuStreamWaitEvent))
+        cuStreamSynchronize = try sym("cuStreamSynchronize", type(of: cuStreamSynchronize))
+        cuEventCreate = try sym("cuEventCreate", type(of: cuEventCreate))
+        cuEventRecord = try sym("cuEventRecord", type(of: cuEventRecord))
+        cuEventSynchronize = try sym("cuEventSynchronize", type(of: cuEventSynchronize))
+        cuEventElapsedTime = try sym("cuEventElapsedTime", type(of: cuEventElapsedTime))
+        cuMemcpyHtoDAsync = try sym("cuMemcpyHtoDAsync_v2", type(of: cuMemcpyHtoDAsync))
+        cuMemcpyDtoHAsync = try sym("cuMemcpyDtoHAsync_v2", type(of: cuMemcpyDtoHAsync))
+        cuMemHostAlloc = try sym("cuMemHostAlloc", type(of: cuMemHostAlloc))
+        cuMemFreeHost = try sym("cuMemFreeHost", type(of: cuMemFreeHost))
+        cuMemHostRegister = try sym("cuMemHostRegister_v2", type(of: cuMemHostRegister))
+        cuMemHostUnregister = try sym("cuMemHostUnregister", type(of: cuMemHostUnregister))
     }
 
     /// Turns a CUresult into an error naming the call.

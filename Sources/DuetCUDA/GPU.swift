@@ -45,15 +45,24 @@ public final class DeviceBuffer: @unchecked Sendable {
     let pointer: CUdeviceptr
     public let bytes: Int
     public let category: String
+    /// Set for a view into another buffer (which it keeps alive); a view frees nothing.
+    private let parent: DeviceBuffer?
 
-    init(gpu: GPU, pointer: CUdeviceptr, bytes: Int, category: String) {
+    init(gpu: GPU, pointer: CUdeviceptr, bytes: Int, category: String, parent: DeviceBuffer? = nil) {
         self.gpu = gpu
         self.pointer = pointer
         self.bytes = bytes
         self.category = category
+        self.parent = parent
+    }
+
+    /// `bytes` bytes from `offset` on, as a buffer kernels can take.
+    func view(offset: Int, bytes: Int) -> DeviceBuffer {
+        DeviceBuffer(gpu: gpu, pointer: pointer + CUdeviceptr(offset), bytes: bytes, category: category, parent: self)
     }
 
     deinit {
+        if parent != nil { return }
         if category == GPU.workspace {
             gpu.recycle(pointer, bytes: bytes)
         } else {
@@ -81,6 +90,9 @@ public final class GPU: @unchecked Sendable {
     public static let workspace = "workspace"
     private var freeWorkspace: [Int: [CUdeviceptr]] = [:]
     private let workspaceLock = NSLock()
+
+    /// Whether the CUDA driver library is on this machine (a GPU may still be unusable).
+    public static var driverPresent: Bool { (try? CUDADriver()) != nil }
 
     /// Opens device 0. `memoryLimit` nil: the device's free memory at start.
     public init(memoryLimit: Int? = nil) throws(CUDAError) {
@@ -226,13 +238,16 @@ public final class GPU: @unchecked Sendable {
     public private(set) var launches = 0
     public private(set) var synchronousCopies = 0
 
+    /// The stream kernels are launched on (nil: the legacy default stream).
+    var stream: OpaquePointer? = nil
+
     /// Launches `function` with arguments given as pointers to their values.
     public func launch(_ function: OpaquePointer, grid: (UInt32, UInt32, UInt32), block: (UInt32, UInt32, UInt32),
                        sharedBytes: UInt32 = 0, arguments: [UnsafeMutableRawPointer?]) throws(CUDAError) {
         launches += 1
         var args = arguments
         try driver.check(args.withUnsafeMutableBufferPointer {
-            driver.cuLaunchKernel(function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, nil, $0.baseAddress, nil)
+            driver.cuLaunchKernel(function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, stream, $0.baseAddress, nil)
         }, "cuLaunchKernel")
     }
 

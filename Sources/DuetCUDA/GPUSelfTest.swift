@@ -7,6 +7,7 @@ import DuetCore
 import DuetCPU
 import DuetFormats
 import DuetModels
+import DuetRuntime
 
 /// `duet selftest --gpu`: every CUDA op against its CPU op on random inputs at odd sizes.
 /// Without a GPU the checks report that they were skipped.
@@ -200,6 +201,58 @@ public enum GPUSelfTest {
                     if step + 1 < c.greedy.count { logits = try model.forward([token]) }
                 }
                 out.append(Check(name: "model \(name) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5))
+            }
+        }
+        return out
+    }
+
+    /// Every offload strategy with the GPU as the device, against HF on the golden
+    /// checkpoints: half the experts resident, the rest on the CPU or streamed (the latency
+    /// model measured there, so the planner decides as it would in a run); prefill and decode
+    /// logits (relative L2 < 1e-4), greedy tokens where HF's margin exceeds 1e-3, device work
+    /// really done, and the budget's peak never above its limit.
+    public static func offloadChecks(goldens: String) throws -> [Check] {
+        var out: [Check] = []
+        for name in ["mixtral-tiny-a", "mixtral-tiny-b"] {
+            let file = joinPath(goldens, "\(name).golden.json")
+            guard fileExists(file) else { continue }
+            let golden = try HFGolden.load(file: file)
+            for policy in OffloadPolicy.allCases {
+                let model = try MixtralModel(directory: joinPath(goldens, name), kernels: .reference())
+                let c = model.config, L = c.numHiddenLayers, E = c.numLocalExperts
+                let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+                let maxRows = 16 * c.numExpertsPerToken
+                let resident = L * E / 2
+                let budget = CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: maxRows)
+                    + (resident + OffloadExecutor.streamingSlots(policy)) * shape.bytes
+                let device = try CUDAExpertDevice(gpu: try GPU(memoryLimit: budget))
+                let order: ExpertPlacement.Order = policy == .layerSplit ? .wholeLayers : .layerBalanced
+                let executor = try OffloadExecutor(model: model, device: device, policy: policy,
+                                                   placement: ExpertPlacement.make(layers: L, experts: E, capacity: resident, order: order),
+                                                   latency: .unmeasured, maxRows: maxRows)
+                _ = executor.pinStreamedExperts()
+                if policy == .fiddler { _ = try executor.calibrate(tokenCounts: [1, 4], repeats: 2, fingerprint: "selftest") }
+                model.expertExecutor = executor
+                let label = "offload \(policy.rawValue) \(name)"
+                for c in golden.cases {
+                    let cache = model.makeCache()
+                    var logits = try model.forward(c.prompt, cache: cache, allLogits: false)
+                    out.append(Check(name: "\(label) prefill \(c.prompt.count) tokens", error: relativeError(logits, c.prefill_logits), tolerance: 1e-4))
+                    var mismatches = 0
+                    for (step, token) in c.greedy.enumerated() {
+                        if c.margins[step] > 1e-3 && Int32(argmax(logits)) != token { mismatches += 1 }
+                        if step == c.decode_steps {
+                            out.append(Check(name: "\(label) logits after \(c.decode_steps) decode steps", error: relativeError(logits, c.decode_logits), tolerance: 1e-4))
+                        }
+                        if step + 1 < c.greedy.count { logits = try model.forward([token], cache: cache, allLogits: false) }
+                    }
+                    out.append(Check(name: "\(label) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5))
+                }
+                let s = executor.stats, m = device.memory
+                let usedDevice = s.residentTokenExperts > 0 && s.fallbacks == 0 && (policy != .gpuSwap || s.copiedExperts > 0)
+                out.append(Check(name: "\(label) ran on the device (hit rate \(Int(s.hitRate * 100))%, \(s.copiedExperts) copies, \(s.fallbacks) failures)",
+                                 error: usedDevice ? 0 : 1, tolerance: 0.5))
+                out.append(Check(name: "\(label) peak \(m.peak) of \(m.limit) budget bytes", error: m.peak <= m.limit ? 0 : 1, tolerance: 0.5))
             }
         }
         return out

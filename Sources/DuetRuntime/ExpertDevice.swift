@@ -63,6 +63,11 @@ public struct DeviceResult {
     public var outputs: [Float]
     public var copySeconds: Double
     public var computeSeconds: Double
+    public init(outputs: [Float], copySeconds: Double, computeSeconds: Double) {
+        self.outputs = outputs
+        self.copySeconds = copySeconds
+        self.computeSeconds = computeSeconds
+    }
 }
 
 /// The "device" role of the offload executor: expert weights in slots within a memory

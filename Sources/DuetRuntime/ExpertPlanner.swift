@@ -30,6 +30,8 @@ public enum ExpertPlanner {
             self.gpu = gpu
             self.transfer = transfer
         }
+        /// Before anything is measured: nothing is worth copying.
+        public static let unmeasured = LatencyModel(cpu: Cost(fixed: 0, perToken: 0), gpu: Cost(fixed: 0, perToken: 0), transfer: .infinity)
     }
 
     /// One routed expert of the layer.

@@ -9,8 +9,9 @@ import DuetCUDA
 import DuetCore
 import DuetFormats
 import DuetModels
+import DuetRuntime
 
-/// Where experts run. Only the CPU exists until the CUDA backend lands.
+/// Where experts run (`--strategy`).
 enum Strategy: String, ExpressibleByArgument, CaseIterable {
     case fiddler, cpuOnly = "cpu-only", gpuOnly = "gpu-only", gpuSwap = "gpu-swap", layerSplit = "layer-split"
 }
@@ -46,8 +47,14 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "CPU kernel path: auto, reference, portable, avx512, amx.")
     var kernels: KernelPath = .auto
 
-    @Option(name: .long, help: "Where experts run: cpu-only, or gpu-only (the whole model on the GPU, one sequence); fiddler, gpu-swap and layer-split are not built yet.")
-    var strategy: Strategy = .cpuOnly
+    @Option(name: .long, help: ArgumentHelp("Where experts run: fiddler (popular experts on the device, the rest on the CPU or copied, per a measured latency model), gpu-swap (every expert copied to an LRU cache on the device), layer-split (whole layers' experts on the device, the rest on the CPU), cpu-only, gpu-only (the whole model on the GPU, one sequence). Default: fiddler with a GPU, cpu-only without."))
+    var strategy: Strategy?
+
+    @Option(name: .long, help: "With fiddler, gpu-swap, layer-split: the device that holds experts: gpu, or cpu (a second CPU thread pool in the device role, within --gpu-memory; for trying strategies without a GPU).")
+    var offloadDevice: OffloadDeviceKind = .gpu
+
+    @Option(name: .long, help: "Expert popularity profile (written by `duet profile`): the most-picked experts go on the device first.")
+    var profile: String?
 
     @Option(name: .long, help: "Expert weights: stored (as in the checkpoint), q8 (int8, 8.5 bits per weight) or q4 (int4, 4.5 bits), quantized at load.")
     var expertDtype: ExpertDType = .stored
@@ -55,20 +62,25 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "Where quantized experts are cached between starts ('none' to turn off). Default: $DUET_CACHE/quantized, else ~/.cache/duet/quantized.")
     var quantCache: String?
 
-    @Option(name: .long, help: "With a GPU strategy: GPU memory Duet may use, e.g. 24GiB or 800MiB (default: the free memory).")
+    @Option(name: .long, help: "With a GPU strategy: device memory Duet may use, e.g. 24GiB or 800MiB (default: the GPU's free memory; with --offload-device cpu, half the experts).")
     var gpuMemory: String?
 
     func validate() throws {
         if model != nil && synthetic != nil { throw ValidationError("give --model or --synthetic, not both") }
         if synthetic == nil && (layers != nil || routerSkew != 0) { throw ValidationError("--layers and --router-skew go with --synthetic") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
-        if strategy != .cpuOnly && strategy != .gpuOnly {
-            throw ValidationError("--strategy \(strategy.rawValue) is not built yet; use cpu-only or gpu-only")
-        }
-        if expertDtype != .stored && strategy == .gpuOnly {
-            throw ValidationError("--expert-dtype \(expertDtype.rawValue) runs on the CPU; quantized experts on the GPU are not built yet")
+        if expertDtype != .stored && strategy != nil && strategy != .cpuOnly {
+            throw ValidationError("--expert-dtype \(expertDtype.rawValue) runs on the CPU (--strategy cpu-only); quantized experts on the GPU are not built yet")
         }
         if let gpuMemory, parseByteSize(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, 800MiB or 1073741824, got '\(gpuMemory)'") }
+    }
+
+    /// The offload policy to run: the one `--strategy` names, or fiddler by default when a
+    /// GPU driver is there (without one the default is cpu-only).
+    func resolvedPolicy() -> OffloadPolicy? {
+        if let strategy { return strategy.offloadPolicy }
+        guard expertDtype == .stored else { return nil }
+        return offloadDevice == .cpu || GPU.driverPresent ? .fiddler : nil
     }
 
     /// Where quantized experts are cached (nil: `--quant-cache none`).
@@ -121,6 +133,14 @@ struct EngineOptions: ParsableArguments {
                 // No GPU, or the model does not fit the budget: the CPU runs it, and says so.
                 Console.err("warning: --strategy gpu-only: \(error); running on the CPU instead\n")
             }
+        }
+        if let policy = resolvedPolicy(), let mixtral = model as? MixtralModel {
+            if let device = makeExpertDevice(model: mixtral, kernels: kernels) {
+                let setup = try installOffload(policy, model: mixtral, device: device)
+                Console.err(setup.summary + "\n")
+            }
+        } else if let s = strategy, s.offloadPolicy != nil {
+            throw CLIError("--strategy \(s.rawValue) supports Mixtral-family models")
         }
         return (model, directory, secondsSince(start))
     }

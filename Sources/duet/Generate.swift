@@ -127,7 +127,15 @@ struct Generate: ParsableCommand {
                 + "(\(fixed(t.prefillTokensPerSecond, 1)) tok/s) | decode \(t.decodeSteps) tok in \(fixed(t.decodeSeconds, 3)) s "
                 + "(\(fixed(t.decodeTokensPerSecond, 1)) tok/s) | \(result.finishReason.rawValue)\n")
         }
+        reportOffload(model)
     }
+}
+
+/// With an offload strategy: where the expert time went and the hit rate (stderr).
+func reportOffload(_ model: any LanguageModel) {
+    guard let executor = (model as? MixtralModel)?.expertExecutor as? OffloadExecutor else { return }
+    Console.err(executor.stats.summary + "\n")
+    for w in executor.takeWarnings() { Console.err("warning: \(w)\n") }
 }
 
 extension Generate {
@@ -150,6 +158,7 @@ extension Generate {
             Console.out("[\(i + 1)] score \(fixed(b.score, 4)): " + (text ?? b.ids.map(String.init).joined(separator: " ")) + "\n")
         }
         Console.err("load \(fixed(loadSeconds, 3)) s | beam search W=\(beamWidth), \(prompt.count) prompt tokens, \(fixed(seconds, 3)) s\n")
+        reportOffload(model)
     }
 }
 

@@ -52,12 +52,6 @@ struct InfoOutput: Encodable {
     }
 }
 
-extension String {
-    func padding(_ width: Int) -> String {
-        count >= width ? self + " " : self + String(repeating: " ", count: width - count)
-    }
-}
-
 /// 1234567 -> "1,234,567".
 func grouped(_ n: Int) -> String {
     let digits = Array(String(n.magnitude))

@@ -60,3 +60,13 @@ struct CLIError: Error, CustomStringConvertible {
     let description: String
     init(_ message: String) { description = message }
 }
+
+extension String {
+    /// Padded with spaces to `width` for a table column (one space after a value that
+    /// fills it); `left`: right-aligned.
+    func padding(_ width: Int, left: Bool = false) -> String {
+        let pad = String(repeating: " ", count: max(0, width - count))
+        if left { return pad + self }
+        return count >= width ? self + " " : self + pad
+    }
+}

@@ -1,0 +1,142 @@
+import ArgumentParser
+import DuetCPU
+import DuetCUDA
+import DuetCore
+import DuetFormats
+import DuetModels
+import DuetRuntime
+
+/// `--offload-device`: what plays the device for fiddler, gpu-swap and layer-split.
+enum OffloadDeviceKind: String, ExpressibleByArgument, CaseIterable {
+    /// The CUDA GPU.
+    case gpu
+    /// A second CPU thread pool within a memory budget: the strategies without a GPU (tests, demos).
+    case cpu
+}
+
+extension Strategy {
+    /// The executor policy of an offload strategy (nil: cpu-only, gpu-only).
+    var offloadPolicy: OffloadPolicy? {
+        switch self {
+        case .fiddler: .fiddler
+        case .gpuSwap: .gpuSwap
+        case .layerSplit: .layerSplit
+        case .cpuOnly, .gpuOnly: nil
+        }
+    }
+}
+
+/// What the start-up of an offload strategy did, for one summary line.
+struct OffloadSetup {
+    var executor: OffloadExecutor
+    var pinnedBytes: Int
+    var pinSeconds: Double
+    var latencySource: String
+}
+
+extension EngineOptions {
+    /// The experts' device for an offload strategy, or nil (with a warning) when there is
+    /// no GPU: the CPU then runs everything.
+    func makeExpertDevice(model: MixtralModel, kernels: CPUKernels) -> (any ExpertDevice)? {
+        let limit = gpuMemory.flatMap(parseByteSize)
+        switch offloadDevice {
+        case .cpu:
+            // Default budget: half the experts, so the strategies have something to decide.
+            let c = model.config
+            let experts = c.numHiddenLayers * c.numLocalExperts * model.layers[0].experts[0].gate.byteCount * 3
+            let pool = ThreadPool(threads: max(1, kernels.pool.threadCount / 2))
+            guard let deviceKernels = try? CPUKernels(kernels.path, pool: pool) else { return nil }
+            return CPUExpertDevice(kernels: deviceKernels, memoryLimit: limit ?? experts / 2)
+        case .gpu:
+            do {
+                return try CUDAExpertDevice(gpu: GPU(memoryLimit: limit))
+            } catch {
+                Console.err("warning: --strategy \(strategy?.rawValue ?? "fiddler"): \(error); running on the CPU instead\n")
+                return nil
+            }
+        }
+    }
+
+    /// Places experts on `device` within its budget and installs the executor as `model`'s
+    /// expert executor; prints what went where.
+    func installOffload(_ policy: OffloadPolicy, model: MixtralModel, device: any ExpertDevice) throws -> OffloadSetup {
+        let c = model.config
+        guard model.expertFormat == nil else {
+            throw CLIError("--strategy \(policy.rawValue) runs stored-dtype experts; quantized experts on the GPU are not built yet (issue 11)")
+        }
+        let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+        let maxRows = 64 * c.numExpertsPerToken  // grows on demand for longer prompts
+        let reserved = device.memory.total + device.workspaceBytes(shape: shape, maxRows: maxRows)
+            + OffloadExecutor.streamingSlots(policy) * shape.bytes
+        let capacity = ExpertPlacement.capacity(budget: device.memory.limit, reserved: reserved, bytesPerExpert: shape.bytes,
+                                                total: c.numHiddenLayers * c.numLocalExperts)
+        let placement = try placement(policy, model: model, capacity: capacity)
+        let executor = try OffloadExecutor(model: model, device: device, policy: policy, placement: placement,
+                                           latency: .unmeasured, maxRows: maxRows)
+        for w in executor.takeWarnings() { Console.err("warning: \(w)\n") }
+        let pinStart = ContinuousClock.now
+        let pinned = executor.pinStreamedExperts()
+        let pinSeconds = secondsSince(pinStart)
+        let source = calibrate(executor, kernels: model.kernels)
+        model.expertExecutor = executor
+        return OffloadSetup(executor: executor, pinnedBytes: pinned, pinSeconds: pinSeconds, latencySource: source)
+    }
+
+    /// Experts in popularity order (`--profile`), else the documented order of the policy.
+    func placement(_ policy: OffloadPolicy, model: MixtralModel, capacity: Int) throws -> ExpertPlacement {
+        let c = model.config, L = c.numHiddenLayers, E = c.numLocalExperts
+        if policy == .layerSplit { return ExpertPlacement.make(layers: L, experts: E, capacity: capacity, order: .wholeLayers) }
+        if let path = profile {
+            let p = try ExpertProfile.load(path: path)
+            try p.check(layers: L, experts: E, path: path)
+            return ExpertPlacement.make(layers: L, experts: E, capacity: capacity, order: .profile, profile: p)
+        }
+        if capacity < L * E {
+            Console.err("no --profile: experts placed in the layer-balanced order (expert 0 of every layer, then expert 1, ...); "
+                + "`duet profile` writes one\n")
+        }
+        return ExpertPlacement.make(layers: L, experts: E, capacity: capacity, order: .layerBalanced)
+    }
+
+    /// Loads the calibration for this machine, else measures one (a few seconds); returns where it came from.
+    func calibrate(_ executor: OffloadExecutor, kernels: CPUKernels) -> String {
+        let fingerprint = LatencyCalibration.fingerprint(threads: kernels.pool.threadCount, device: executor.device.name,
+                                                         shape: executor.shape, cpuPath: kernels.path.rawValue)
+        let directory = duetCacheDirectory("calibration")
+        if let stored = LatencyCalibration.load(directory: directory, fingerprint: fingerprint) {
+            executor.use(stored.model)
+            return "from \(LatencyCalibration.path(directory: directory, fingerprint: fingerprint))"
+        }
+        let start = ContinuousClock.now
+        do {
+            _ = try executor.calibrate(fingerprint: fingerprint)
+            return "measured in \(fixed(secondsSince(start), 2)) s (`duet calibrate` stores one)"
+        } catch {
+            return "not measured (\(error)): every non-resident expert runs on the CPU"
+        }
+    }
+}
+
+extension OffloadSetup {
+    /// One line: where the experts are, what is pinned, the latency model.
+    var summary: String {
+        let e = executor, m = e.device.memory, l = e.latency
+        let total = e.placement.layers * e.placement.experts
+        return "\(e.policy.rawValue) on \(e.device.name): \(e.placement.resident.count) of \(total) experts resident "
+            + "(\(m.total >> 20) of \(m.limit >> 20) MiB in use), \(e.placement.order.rawValue) order; "
+            + "pinned \(pinnedBytes >> 20) MiB in \(fixed(pinSeconds, 2)) s; latency per expert: CPU \(ms(l.cpu.fixed)) + \(ms(l.cpu.perToken))/token, "
+            + "device \(ms(l.gpu.fixed)) + \(ms(l.gpu.perToken))/token, copy \(ms(l.transfer)) (\(latencySource))"
+    }
+}
+
+/// "1.23 ms".
+func ms(_ seconds: Double) -> String { seconds.isFinite ? "\(fixed(seconds * 1000, 3)) ms" : "never" }
+
+extension OffloadStats {
+    /// The time split and hit rate of a run, for one line.
+    var summary: String {
+        "experts: hit rate \(fixed(hitRate * 100, 1))% | CPU experts \(fixed(cpuSeconds, 3)) s, waiting for the device \(fixed(deviceWaitSeconds, 3)) s "
+            + "(device compute \(fixed(deviceComputeSeconds, 3)) s, copies \(fixed(deviceCopySeconds, 3)) s, \(copiedExperts) experts = \(bytesCopied >> 20) MiB)"
+            + (fallbacks > 0 ? " | \(fallbacks) device failures" : "")
+    }
+}
