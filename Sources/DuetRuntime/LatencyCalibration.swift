@@ -128,6 +128,7 @@ extension OffloadExecutor {
         }
         var transfer = Double.infinity
         let expert = model.layers[probe.layer].experts[probe.expert]
+        _ = device.pin([expert])  // copied as streamed experts are: from page-locked memory
         for _ in 0..<max(2, repeats - 1) {
             try device.submit([DeviceJob(slot: slot, copy: expert, tokens: 1)], input: [Float](repeating: 0, count: D))
             transfer = min(transfer, try device.collect().copySeconds)
