@@ -156,6 +156,17 @@ public final class GPU: @unchecked Sendable {
         freeWorkspace = [:]
     }
 
+    /// The same device, context and budget, with its own stream and kernel table: a second
+    /// user (the offload device's streams) that shares the memory budget with the first.
+    public init(sharing other: GPU) {
+        driver = other.driver
+        nvrtc = other.nvrtc
+        name = other.name
+        architecture = other.architecture
+        driverVersion = other.driverVersion
+        budget = other.budget
+    }
+
     deinit { releaseWorkspaceCache() }
 
     public func upload(_ values: [Float], category: String) throws(CUDAError) -> DeviceBuffer {
@@ -169,9 +180,18 @@ public final class GPU: @unchecked Sendable {
 
     public func upload(bytes: UnsafeRawBufferPointer, category: String) throws(CUDAError) -> DeviceBuffer {
         let b = try allocate(bytes.count, category: category)
+        try copy(bytes, into: b)
+        return b
+    }
+
+    /// `values` into the start of an existing buffer (synchronous).
+    public func copy(_ values: [Float], into b: DeviceBuffer) throws(CUDAError) {
+        try values.withUnsafeBytes { bytes in Result { () throws(CUDAError) in try copy(bytes, into: b) } }.get()
+    }
+
+    private func copy(_ bytes: UnsafeRawBufferPointer, into b: DeviceBuffer) throws(CUDAError) {
         synchronousCopies += 1
         try driver.check(driver.cuMemcpyHtoD(b.pointer, bytes.baseAddress!, bytes.count), "cuMemcpyHtoD")
-        return b
     }
 
     /// Plain values (ids) back from the device.

@@ -8,18 +8,21 @@ public final class GPULanguageModel: LanguageModel {
     public let gpuModel: GPUMixtral
     private weak var activeCache: KVCache?
 
-    public init(_ model: MixtralModel, gpu: GPU) throws(CUDAError) {
+    /// `experts: false` uploads everything but the experts (Fiddler's layout; set
+    /// `gpuModel.expertExecutor`); `maxPositions` bounds the GPU's KV cache.
+    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil, experts: Bool = true) throws(CUDAError) {
         cpuModel = model
-        gpuModel = try GPUMixtral(model, gpu: gpu)
+        gpuModel = try GPUMixtral(model, gpu: gpu, maxPositions: maxPositions, experts: experts)
     }
 
     public var vocabSize: Int { cpuModel.vocabSize }
-    public var maxPositions: Int { cpuModel.maxPositions }
+    public var maxPositions: Int { gpuModel.maxPositions }
     public var eosTokenIds: [Int] { cpuModel.eosTokenIds }
     public var bosTokenId: Int? { cpuModel.bosTokenId }
     public var summary: ModelSummary { cpuModel.summary }
     public var maxBatchItems: Int? { 1 }
-    public var expertUsage: ExpertUsage { gpuModel.expertUsage }
+    /// The executor reports into the CPU model's counters.
+    public var expertUsage: ExpertUsage { gpuModel.expertExecutor == nil ? gpuModel.expertUsage : cpuModel.expertUsage }
     public func makeCache() -> KVCache { cpuModel.makeCache() }
     public func makeCachePool(memoryLimit: Int?, blockSize: Int) -> KVBlockPool { cpuModel.makeCachePool(memoryLimit: memoryLimit, blockSize: blockSize) }
 

@@ -45,10 +45,17 @@ public final class GPUMixtral {
     let values: [DeviceBuffer]
     /// Positions filled.
     public private(set) var length = 0
-    let maxPositions: Int
+    /// Positions the GPU's KV cache holds.
+    public let maxPositions: Int
 
-    /// Uploads `model`'s weights; `maxPositions` bounds the KV cache (default: the model's).
-    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil) throws(CUDAError) {
+    /// Runs the MoE layers instead of the experts on this GPU (Fiddler's layout: the
+    /// non-expert weights here, the experts placed by the offload executor). One copy of
+    /// the layer's normed hidden state and router logits down, one of the result up.
+    public var expertExecutor: (any ExpertExecutor)?
+
+    /// Uploads `model`'s weights (without the experts unless `experts`); `maxPositions`
+    /// bounds the KV cache (default: the model's).
+    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil, experts uploadExperts: Bool = true) throws(CUDAError) {
         self.gpu = gpu
         ops = GPUOps(gpu: gpu)
         config = model.config
@@ -61,11 +68,11 @@ public final class GPUMixtral {
         lmHead = config.tieWordEmbeddings ? embed : try upload(model.lmHead)
         norm = try gpu.upload(model.norm, category: "weights")
         layers = try model.layers.map { (l) throws(CUDAError) -> Layer in
-            let experts = try l.experts.map { (e) throws(CUDAError) in (gate: try upload(e.gate), up: try upload(e.up), down: try upload(e.down)) }
+            let experts = uploadExperts ? try l.experts.map { (e) throws(CUDAError) in (gate: try upload(e.gate), up: try upload(e.up), down: try upload(e.down)) } : []
             func table(_ pick: ((gate: Matrix, up: Matrix, down: Matrix)) -> Matrix) throws(CUDAError) -> DeviceBuffer {
                 try gpu.upload(array: experts.map { UInt64(pick($0).buffer.pointer) }, category: "weights")
             }
-            let allBF16 = experts.allSatisfy { $0.gate.dtype == .bf16 && $0.up.dtype == .bf16 && $0.down.dtype == .bf16 }
+            let allBF16 = !experts.isEmpty && experts.allSatisfy { $0.gate.dtype == .bf16 && $0.up.dtype == .bf16 && $0.down.dtype == .bf16 }
             return Layer(inputNorm: try gpu.upload(l.inputNorm, category: "weights"), postAttentionNorm: try gpu.upload(l.postAttentionNorm, category: "weights"),
                          q: try upload(l.q), k: try upload(l.k), v: try upload(l.v), o: try upload(l.o), router: try upload(l.router),
                          experts: experts,
@@ -120,7 +127,10 @@ public final class GPUMixtral {
             try ops.add(x, attn, count: T * D)
             try ops.rmsNorm(x, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             try matmul(h, layer.router, logits, tokens: T)
-            if let tables = layer.expertTables, T <= fusedMoEMaxTokens {
+            if let executor = expertExecutor {
+                try offloadExperts(h, routerLogits: logits, layer: l, executor: executor, into: moe, tokens: T)
+                try ops.add(x, moe, count: T * D)
+            } else if let tables = layer.expertTables, T <= fusedMoEMaxTokens {
                 try fusedExperts(h, tables: tables, routerLogits: logits, addingInto: x, tokens: T)
             } else {
                 try experts(h, layer: layer, routerLogits: logits, into: moe, tokens: T)
@@ -147,6 +157,23 @@ public final class GPUMixtral {
         } else {
             try ops.gatherRows(embed.buffer, indices: ids, x, rows: T, dim: config.hiddenSize)
         }
+    }
+
+    /// The MoE through the offload executor: the normed hidden state `[T, D]` and router logits
+    /// `[T, E]` come down, the router runs on the host exactly as on the CPU path, and the
+    /// executor's combined expert output `[T, D]` goes up into `out`.
+    private func offloadExperts(_ h: DeviceBuffer, routerLogits: DeviceBuffer, layer l: Int, executor: any ExpertExecutor,
+                                into out: DeviceBuffer, tokens T: Int) throws(CUDAError) {
+        let c = config, D = c.hiddenSize, E = c.numLocalExperts
+        let hidden = try gpu.download(h, count: T * D)
+        let logits = try gpu.download(routerLogits, count: T * E)
+        let choices = DuetCPU.routeTopK(logits, tokens: T, experts: E, k: c.numExpertsPerToken)
+        var assigned = [[ExpertAssignment]](repeating: [], count: E)
+        for (t, choice) in choices.enumerated() {
+            for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append(ExpertAssignment(token: t, weight: w)) }
+        }
+        let y = executor.runExperts(layer: l, hidden: hidden, assignments: assigned, tokens: T)
+        try gpu.copy(y, into: out)
     }
 
     /// Routes and runs the chosen experts on the GPU without a host round trip (bf16
@@ -177,9 +204,7 @@ public final class GPUMixtral {
         let chosenWeights = try gpu.download(weights, count: T * k)
         var rows = [[Int32]](repeating: [], count: c.numLocalExperts), rowWeights = [[Float]](repeating: [], count: c.numLocalExperts)
         for t in 0..<T { for j in 0..<k { rows[Int(chosen[t * k + j])].append(Int32(t)); rowWeights[Int(chosen[t * k + j])].append(chosenWeights[t * k + j]) } }
-        let zero = [Float](repeating: 0, count: T * D)
-        let code = zero.withUnsafeBytes { gpu.driver.cuMemcpyHtoD(out.pointer, $0.baseAddress!, $0.count) }
-        try gpu.driver.check(code, "cuMemcpyHtoD")
+        try gpu.copy([Float](repeating: 0, count: T * D), into: out)
         for e in 0..<c.numLocalExperts where !rows[e].isEmpty {
             let Te = rows[e].count, expert = layer.experts[e]
             let index = try gpu.upload(array: rows[e], category: "workspace"), w = try gpu.upload(rowWeights[e], category: "workspace")

@@ -218,25 +218,35 @@ public enum GPUSelfTest {
             guard fileExists(file) else { continue }
             let golden = try HFGolden.load(file: file)
             for policy in OffloadPolicy.allCases {
+              for denseOnGPU in [false, true] {
                 let model = try MixtralModel(directory: joinPath(goldens, name), kernels: .reference())
                 let c = model.config, L = c.numHiddenLayers, E = c.numLocalExperts
                 let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
                 let maxRows = 16 * c.numExpertsPerToken
                 let resident = L * E / 2
-                let budget = CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: maxRows)
+                var budget = CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: maxRows)
                     + (resident + OffloadExecutor.streamingSlots(policy)) * shape.bytes
-                let device = try CUDAExpertDevice(gpu: try GPU(memoryLimit: budget))
+                // With the dense layers on the GPU they come first in the same budget.
+                let gpu = try GPU(memoryLimit: budget + (denseOnGPU ? 64 << 20 : 0))
+                let dense = denseOnGPU ? try GPUMixtral(model, gpu: gpu, maxPositions: 64, experts: false) : nil
+                budget = gpu.budget.limit
+                let device = try CUDAExpertDevice(gpu: GPU(sharing: gpu))
                 let order: ExpertPlacement.Order = policy == .layerSplit ? .wholeLayers : .layerBalanced
                 let executor = try OffloadExecutor(model: model, device: device, policy: policy,
                                                    placement: ExpertPlacement.make(layers: L, experts: E, capacity: resident, order: order),
                                                    latency: .unmeasured, maxRows: maxRows)
                 _ = executor.pinStreamedExperts()
                 if policy == .fiddler { _ = try executor.calibrate(tokenCounts: [1, 4], repeats: 2, fingerprint: "selftest") }
-                model.expertExecutor = executor
-                let label = "offload \(policy.rawValue) \(name)"
+                let label = "offload \(policy.rawValue) dense-on-\(denseOnGPU ? "gpu" : "cpu") \(name)"
+                func forward(_ tokens: [Int32], _ cache: KVCache) throws -> [Float] {
+                    if let dense { return try dense.forward(tokens) }
+                    return try model.forward(tokens, cache: cache, allLogits: false)
+                }
+                if let dense { dense.expertExecutor = executor } else { model.expertExecutor = executor }
                 for c in golden.cases {
                     let cache = model.makeCache()
-                    var logits = try model.forward(c.prompt, cache: cache, allLogits: false)
+                    dense?.reset()
+                    var logits = try forward(c.prompt, cache)
                     out.append(Check(name: "\(label) prefill \(c.prompt.count) tokens", error: relativeError(logits, c.prefill_logits), tolerance: 1e-4))
                     var mismatches = 0
                     for (step, token) in c.greedy.enumerated() {
@@ -244,7 +254,7 @@ public enum GPUSelfTest {
                         if step == c.decode_steps {
                             out.append(Check(name: "\(label) logits after \(c.decode_steps) decode steps", error: relativeError(logits, c.decode_logits), tolerance: 1e-4))
                         }
-                        if step + 1 < c.greedy.count { logits = try model.forward([token], cache: cache, allLogits: false) }
+                        if step + 1 < c.greedy.count { logits = try forward([token], cache) }
                     }
                     out.append(Check(name: "\(label) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5))
                 }
@@ -253,6 +263,7 @@ public enum GPUSelfTest {
                 out.append(Check(name: "\(label) ran on the device (hit rate \(Int(s.hitRate * 100))%, \(s.copiedExperts) copies, \(s.fallbacks) failures)",
                                  error: usedDevice ? 0 : 1, tolerance: 0.5))
                 out.append(Check(name: "\(label) peak \(m.peak) of \(m.limit) budget bytes", error: m.peak <= m.limit ? 0 : 1, tolerance: 0.5))
+              }
             }
         }
         return out

@@ -250,10 +250,10 @@ struct BenchDecode: ParsableCommand {
         // the buffer gets fewer huge pages and reads slower), then again after the run.
         let pool = ThreadPool(threads: engine.threads ?? ThreadPool.availableCores)
         var bandwidth = try measuredBandwidth(pool: pool, gib: memoryGib)
-        let (model, _, loadSeconds) = try engine.load()
+        let (model, _, loadSeconds) = try engine.load(singleSequence: true)
         let prompt = (0..<promptTokens).map { Int32(1 + ($0 * 7919) % (model.vocabSize - 1)) }
         // GPU: launches, synchronous copies and host issue time of the decode steps.
-        let gpuModel = (model as? GPULanguageModel)?.gpuModel
+        let gpuModel = (model as? GPULanguageModel)?.gpuModel.expertExecutor == nil ? (model as? GPULanguageModel)?.gpuModel : nil
         var launches = 0, copies = 0, issue = 0.0, steps = 0
         var afterPrefill: (Int, Int)? = nil
         let result = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: tokens + 1, stopTokenIds: [])) { _ in
@@ -265,7 +265,7 @@ struct BenchDecode: ParsableCommand {
                 afterPrefill = (g.device.launches, g.device.synchronousCopies)
             }
         }
-        if let gpuModel = model as? GPULanguageModel {
+        if let gpuModel = model as? GPULanguageModel, gpuModel.gpuModel.expertExecutor == nil {
             // On the GPU the ceiling is HBM: a read-only kernel over the same GPU, same run.
             bandwidth = try GPUOps(gpu: gpuModel.gpuModel.device).readBandwidth(bytes: 4 << 30)
             Console.err("GPU read ceiling \(fixed(bandwidth / 1e9, 0)) GB/s\n")

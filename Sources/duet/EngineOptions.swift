@@ -53,6 +53,12 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "With fiddler, gpu-swap, layer-split: the device that holds experts: gpu, or cpu (a second CPU thread pool in the device role, within --gpu-memory; for trying strategies without a GPU).")
     var offloadDevice: OffloadDeviceKind = .gpu
 
+    @Option(name: .long, help: "With fiddler, gpu-swap, layer-split: where attention, norms, router and lm_head run: gpu (with a GPU KV cache of --max-context positions; one sequence: plain generation) or cpu (batches, beams, the server). Default: gpu where the verb runs one sequence.")
+    var denseOn: DensePlacement?
+
+    @Option(name: .long, help: "Positions of the GPU KV cache (gpu-only, --dense-on gpu).")
+    var maxContext = 4096
+
     @Option(name: .long, help: "Expert popularity profile (written by `duet profile`): the most-picked experts go on the device first.")
     var profile: String?
 
@@ -105,7 +111,9 @@ struct EngineOptions: ParsableArguments {
 
     /// Loads the model (directory nil for synthetic weights) and reports how long it took.
     /// `directory`: one `modelDirectory()` already resolved.
-    func load(directory resolved: String? = nil) throws -> (model: any LanguageModel, directory: String?, seconds: Double) {
+    /// `singleSequence`: the caller runs one sequence at a time (plain generation), so an
+    /// offload strategy may put the non-expert layers on the GPU.
+    func load(directory resolved: String? = nil, singleSequence: Bool = false) throws -> (model: any LanguageModel, directory: String?, seconds: Double) {
         let kernels = try makeKernels()
         let start = ContinuousClock.now
         let model: any LanguageModel
@@ -126,7 +134,7 @@ struct EngineOptions: ParsableArguments {
             guard let mixtral = model as? MixtralModel else { throw CLIError("--strategy gpu-only supports Mixtral-family models") }
             do {
                 let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseByteSize))
-                let gpuModel = try GPULanguageModel(mixtral, gpu: gpu)
+                let gpuModel = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: min(maxContext, mixtral.maxPositions))
                 Console.err("GPU: \(gpu.name), \(gpu.budget.total >> 20) of \(gpu.budget.limit >> 20) MiB budget in use\n")
                 return (gpuModel, directory, secondsSince(start))
             } catch {
@@ -135,10 +143,8 @@ struct EngineOptions: ParsableArguments {
             }
         }
         if let policy = resolvedPolicy(), let mixtral = model as? MixtralModel {
-            if let device = makeExpertDevice(model: mixtral, kernels: kernels) {
-                let setup = try installOffload(policy, model: mixtral, device: device)
-                Console.err(setup.summary + "\n")
-            }
+            let dense = denseOn ?? (singleSequence ? .gpu : .cpu)
+            return (try offloadModel(policy, mixtral: mixtral, kernels: kernels, dense: dense), directory, secondsSince(start))
         } else if let s = strategy, s.offloadPolicy != nil {
             throw CLIError("--strategy \(s.rawValue) supports Mixtral-family models")
         }

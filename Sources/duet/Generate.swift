@@ -78,7 +78,7 @@ struct Generate: ParsableCommand {
     }
 
     func run() throws {
-        let (model, directory, loadSeconds) = try engine.load()
+        let (model, directory, loadSeconds) = try engine.load(singleSequence: prompts == nil && beamWidth == 1)
         if let prompts {
             let defaults = GenerationOptions(maxTokens: maxTokens, sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed))
             return try BatchFileRun(model: model, directory: directory, defaults: defaults, batchSize: batchSize,
@@ -133,7 +133,7 @@ struct Generate: ParsableCommand {
 
 /// With an offload strategy: where the expert time went and the hit rate (stderr).
 func reportOffload(_ model: any LanguageModel) {
-    guard let executor = (model as? MixtralModel)?.expertExecutor as? OffloadExecutor else { return }
+    guard let executor = offloadExecutor(of: model) else { return }
     Console.err(executor.stats.summary + "\n")
     for w in executor.takeWarnings() { Console.err("warning: \(w)\n") }
 }

@@ -57,8 +57,8 @@ extension EngineOptions {
         }
     }
 
-    /// Places experts on `device` within its budget and installs the executor as `model`'s
-    /// expert executor; prints what went where.
+    /// Places experts on `device` within what its budget has left, pins the experts it may
+    /// stream and loads or measures the latency model; the caller installs the executor.
     func installOffload(_ policy: OffloadPolicy, model: MixtralModel, device: any ExpertDevice) throws -> OffloadSetup {
         let c = model.config
         guard model.expertFormat == nil else {
@@ -78,7 +78,6 @@ extension EngineOptions {
         let pinned = executor.pinStreamedExperts()
         let pinSeconds = secondsSince(pinStart)
         let source = calibrate(executor, kernels: model.kernels)
-        model.expertExecutor = executor
         return OffloadSetup(executor: executor, pinnedBytes: pinned, pinSeconds: pinSeconds, latencySource: source)
     }
 
@@ -115,6 +114,46 @@ extension EngineOptions {
             return "not measured (\(error)): every non-resident expert runs on the CPU"
         }
     }
+}
+
+/// `--dense-on`: where the non-expert layers (attention, norms, router, lm_head) run with an offload strategy.
+enum DensePlacement: String, ExpressibleByArgument, CaseIterable {
+    /// On the GPU with its own KV cache (Fiddler's layout), one sequence at a time.
+    case gpu
+    /// On the CPU with the paged KV cache: batches, beams and the server.
+    case cpu
+}
+
+extension EngineOptions {
+    /// The model for an offload strategy: the non-expert layers on the GPU first (when
+    /// `dense` is .gpu and they fit), then the experts placed in what the budget has left.
+    func offloadModel(_ policy: OffloadPolicy, mixtral: MixtralModel, kernels: CPUKernels, dense: DensePlacement) throws -> any LanguageModel {
+        if dense == .gpu, offloadDevice == .gpu {
+            do {
+                let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseByteSize))
+                let context = min(maxContext, mixtral.maxPositions)
+                let model = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: context, experts: false)
+                let setup = try installOffload(policy, model: mixtral, device: try CUDAExpertDevice(gpu: GPU(sharing: gpu)))
+                model.gpuModel.expertExecutor = setup.executor
+                Console.err("non-expert layers and a \(context)-position KV cache on the GPU (\(gpu.budget.used["weights", default: 0] >> 20) MiB of weights); " + setup.summary + "\n")
+                return model
+            } catch let error as CUDAError {
+                Console.err("warning: the non-expert layers stay on the CPU: \(error)\n")
+            }
+        }
+        guard let device = makeExpertDevice(model: mixtral, kernels: kernels) else { return mixtral }
+        let setup = try installOffload(policy, model: mixtral, device: device)
+        mixtral.expertExecutor = setup.executor
+        Console.err("non-expert layers on the CPU; " + setup.summary + "\n")
+        return mixtral
+    }
+}
+
+/// The offload executor a model runs its experts through, if any.
+func offloadExecutor(of model: any LanguageModel) -> OffloadExecutor? {
+    if let m = model as? MixtralModel { return m.expertExecutor as? OffloadExecutor }
+    if let g = model as? GPULanguageModel { return g.gpuModel.expertExecutor as? OffloadExecutor }
+    return nil
 }
 
 extension OffloadSetup {
