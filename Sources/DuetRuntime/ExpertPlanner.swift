@@ -8,15 +8,55 @@
 /// A pure function of the routed token counts and a latency model, so it is tested with
 /// hand-computable cases.
 public enum ExpertPlanner {
-    /// Seconds as a function of the tokens an expert gets: `fixed + perToken * T` (0 tokens: 0).
-    public struct Cost: Sendable, Equatable, Codable {
-        public var fixed: Double
-        public var perToken: Double
-        public init(fixed: Double, perToken: Double) {
-            self.fixed = fixed
-            self.perToken = perToken
+    /// Seconds as a function of the tokens an expert gets: linear between measured points,
+    /// extended along the last segment (0 tokens: 0).
+    public struct Cost: Sendable, Equatable, Codable, CustomStringConvertible {
+        public struct Point: Sendable, Equatable, Codable {
+            public var tokens: Int
+            public var seconds: Double
         }
-        public func callAsFunction(_ tokens: Int) -> Double { tokens == 0 ? 0 : fixed + perToken * Double(tokens) }
+        /// Ascending token counts, seconds never decreasing.
+        public private(set) var points: [Point]
+
+        /// `fixed + perToken * T`.
+        public init(fixed: Double, perToken: Double) {
+            points = [Point(tokens: 1, seconds: fixed + perToken), Point(tokens: 2, seconds: fixed + 2 * perToken)]
+        }
+
+        /// Through measured `(tokens, seconds)`; more tokens never cost less (noise is
+        /// flattened with a running maximum).
+        public init(measured: [(Int, Double)]) {
+            var best = 0.0
+            points = measured.sorted { $0.0 < $1.0 }.map { t, s in
+                best = max(best, s)
+                return Point(tokens: t, seconds: best)
+            }
+        }
+
+        public func callAsFunction(_ tokens: Int) -> Double {
+            guard tokens > 0, let first = points.first else { return 0 }
+            if tokens <= first.tokens || points.count == 1 { return first.seconds }
+            var i = points.count - 2
+            for j in 0..<(points.count - 1) where tokens <= points[j + 1].tokens { i = j; break }
+            let a = points[i], b = points[i + 1]
+            let slope = max(0, (b.seconds - a.seconds) / Double(b.tokens - a.tokens))
+            return a.seconds + slope * Double(tokens - a.tokens)
+        }
+
+        /// Every point times `factor`.
+        public func scaled(_ factor: Double) -> Cost {
+            var c = self
+            for i in c.points.indices { c.points[i].seconds *= factor }
+            return c
+        }
+
+        public var description: String {
+            points.count == 2 && points[0].tokens == 1 && points[1].tokens == 2
+                ? "\(ms(self(1))) + \(ms(self(2) - self(1)))/token"
+                : points.map { "\($0.tokens): \(ms($0.seconds))" }.joined(separator: ", ")
+        }
+
+        private func ms(_ s: Double) -> String { s.isFinite ? "\((s * 1e6).rounded() / 1e3) ms" : "never" }
     }
 
     /// The measured costs of one expert shape and dtype.
@@ -25,10 +65,13 @@ public enum ExpertPlanner {
         public var gpu: Cost
         /// Copying one expert's weights host -> device.
         public var transfer: Double
-        public init(cpu: Cost, gpu: Cost, transfer: Double) {
+        /// How much slower the CPU computes while copies run (they share the host's DRAM): >= 1.
+        public var cpuSlowdownWhileCopying: Double
+        public init(cpu: Cost, gpu: Cost, transfer: Double, cpuSlowdownWhileCopying: Double = 1) {
             self.cpu = cpu
             self.gpu = gpu
             self.transfer = transfer
+            self.cpuSlowdownWhileCopying = cpuSlowdownWhileCopying
         }
         /// Before anything is measured: nothing is worth copying.
         public static let unmeasured = LatencyModel(cpu: Cost(fixed: 0, perToken: 0), gpu: Cost(fixed: 0, perToken: 0), transfer: .infinity)
@@ -84,6 +127,7 @@ public enum ExpertPlanner {
                     p.cpuSeconds += model.cpu(l.tokens)
                 }
             }
+            if !p.copied.isEmpty { p.cpuSeconds *= model.cpuSlowdownWhileCopying }
             return p
         }
         func better(_ a: Plan, than b: Plan) -> Bool {

@@ -28,34 +28,20 @@ public struct LatencyCalibration: Codable, Sendable, Equatable {
     public var fingerprint: String
     public var points: [Point]
     public var transferSeconds: Double
-    /// The linear fits the planner uses.
+    /// CPU time of one token's expert while a copy runs / alone (>= 1).
+    public var cpuSlowdownWhileCopying: Double
+    /// What the planner uses: the points themselves, interpolated.
     public var model: ExpertPlanner.LatencyModel
 
-    public init(fingerprint: String, points: [Point], transferSeconds: Double) {
+    public init(fingerprint: String, points: [Point], transferSeconds: Double, cpuSlowdownWhileCopying: Double = 1) {
         self.fingerprint = fingerprint
         self.points = points
         self.transferSeconds = transferSeconds
+        self.cpuSlowdownWhileCopying = cpuSlowdownWhileCopying
         model = ExpertPlanner.LatencyModel(
-            cpu: Self.fit(points.map { ($0.tokens, $0.cpuSeconds) }),
-            gpu: Self.fit(points.map { ($0.tokens, $0.deviceSeconds) }),
-            transfer: transferSeconds)
-    }
-
-    /// Least-squares `fixed + perToken * T` through the points, both terms kept >= 0.
-    static func fit(_ points: [(Int, Double)]) -> ExpertPlanner.Cost {
-        let n = Double(points.count)
-        guard n > 0 else { return ExpertPlanner.Cost(fixed: 0, perToken: 0) }
-        let mx = points.reduce(0.0) { $0 + Double($1.0) } / n, my = points.reduce(0.0) { $0 + $1.1 } / n
-        let sxx = points.reduce(0.0) { $0 + (Double($1.0) - mx) * (Double($1.0) - mx) }
-        let sxy = points.reduce(0.0) { $0 + (Double($1.0) - mx) * ($1.1 - my) }
-        var slope = sxx > 0 ? max(0, sxy / sxx) : 0
-        var fixed = my - slope * mx
-        if fixed < 0 {  // refit through the origin
-            fixed = 0
-            let sx2 = points.reduce(0.0) { $0 + Double($1.0) * Double($1.0) }
-            slope = sx2 > 0 ? points.reduce(0.0) { $0 + Double($1.0) * $1.1 } / sx2 : 0
-        }
-        return ExpertPlanner.Cost(fixed: fixed, perToken: slope)
+            cpu: ExpertPlanner.Cost(measured: points.map { ($0.tokens, $0.cpuSeconds) }),
+            gpu: ExpertPlanner.Cost(measured: points.map { ($0.tokens, $0.deviceSeconds) }),
+            transfer: transferSeconds, cpuSlowdownWhileCopying: cpuSlowdownWhileCopying)
     }
 
     /// The machine, thread count, device and expert shape a calibration belongs to.
@@ -108,7 +94,7 @@ extension OffloadExecutor {
     /// Measures the latency model on this machine now: the CPU and the device each run one
     /// expert at `tokenCounts` tokens (best of `repeats`), and the device copies one expert's
     /// weights into a slot. Takes a few seconds for a Mixtral-8x7B expert; the planner uses the result.
-    public func calibrate(tokenCounts: [Int] = [1, 8, 32], repeats: Int = 3, fingerprint: String) throws(DeviceError) -> LatencyCalibration {
+    public func calibrate(tokenCounts: [Int] = [1, 4, 16, 64], repeats: Int = 3, fingerprint: String) throws(DeviceError) -> LatencyCalibration {
         let D = shape.hidden
         let probe = ExpertKey(layer: 0, expert: 0)
         let slot = try calibrationSlot(probe)
@@ -133,7 +119,20 @@ extension OffloadExecutor {
             try device.submit([DeviceJob(slot: slot, copy: expert, tokens: 1)], input: [Float](repeating: 0, count: D))
             transfer = min(transfer, try device.collect().copySeconds)
         }
-        let calibration = LatencyCalibration(fingerprint: fingerprint, points: points, transferSeconds: transfer)
+        // The CPU's one-token expert again while the device copies (the same weights into
+        // the same slot, which changes nothing): the DRAM both share slows the CPU down.
+        var contended = Double.infinity
+        let x = [Float](repeating: 0.5, count: D)
+        for _ in 0..<repeats {
+            try device.submit([DeviceJob(slot: slot, copy: expert, tokens: 1)], input: x)
+            let start = ContinuousClock.now
+            _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: 1)
+            contended = min(contended, secondsSince(start))
+            _ = try device.collect()
+        }
+        let alone = points.first?.cpuSeconds ?? contended
+        let calibration = LatencyCalibration(fingerprint: fingerprint, points: points, transferSeconds: transfer,
+                                             cpuSlowdownWhileCopying: max(1, contended / alone))
         use(calibration.model)
         return calibration
     }

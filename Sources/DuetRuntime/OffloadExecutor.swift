@@ -35,6 +35,11 @@ public struct OffloadStats: Sendable, Equatable {
     public var deviceComputeSeconds = 0.0
     /// Device failures that sent experts back to the CPU.
     public var fallbacks = 0
+    /// The planner's predicted makespans, summed; and the best split of the same routed work
+    /// under the calibrated latency model (CPU kernels and copies as measured), summed: the
+    /// expert part's bound.
+    public var plannedSeconds = 0.0
+    public var boundSeconds = 0.0
 
     /// Share of routed token-expert pairs whose expert was resident.
     public var hitRate: Double {
@@ -169,16 +174,16 @@ public final class OffloadExecutor: ExpertExecutor {
         stats.cpuSeconds += cpuSeconds
         stats.cpuTokenExperts += cpuExperts.reduce(0) { $0 + assignments[$1].count }
         stats.layerSteps += 1
-        refreshCPU(measured: cpuSeconds, experts: cpuExperts, assignments: assignments)
+        if submitted || jobs.isEmpty { refreshCPU(measured: cpuSeconds, predicted: plan.cpuSeconds) }
+        stats.plannedSeconds += plan.makespan
+        if let reference { stats.boundSeconds += ExpertPlanner.plan(loads(layer: l, assignments), model: reference).makespan }
         model.expertUsage.addCPU(tokenExperts: cpuExperts.reduce(0) { $0 + assignments[$1].count }, seconds: cpuSeconds)
         return combineExperts(outputs, assignments, tokens: T, dim: D)
     }
 
     /// The policy's decision for one layer's routed experts.
     func makePlan(layer l: Int, assignments: [[ExpertAssignment]]) -> ExpertPlanner.Plan {
-        let loads = assignments.indices.filter { !assignments[$0].isEmpty }.map { e in
-            ExpertPlanner.Load(expert: e, tokens: assignments[e].count, resident: slotOf[ExpertKey(layer: l, expert: e)] != nil)
-        }
+        let loads = loads(layer: l, assignments)
         switch policy {
         case .fiddler where !streaming.isEmpty:
             return ExpertPlanner.plan(loads, model: latency)
@@ -192,6 +197,13 @@ public final class OffloadExecutor: ExpertExecutor {
             var plan = ExpertPlanner.Plan()
             for load in loads { if load.resident { plan.resident.append(load.expert) } else { plan.cpu.append(load.expert) } }
             return plan
+        }
+    }
+
+    /// The layer's routed experts, with their token counts and whether they are resident now.
+    private func loads(layer l: Int, _ assignments: [[ExpertAssignment]]) -> [ExpertPlanner.Load] {
+        assignments.indices.filter { !assignments[$0].isEmpty }.map { e in
+            ExpertPlanner.Load(expert: e, tokens: assignments[e].count, resident: slotOf[ExpertKey(layer: l, expert: e)] != nil)
         }
     }
 
@@ -237,14 +249,13 @@ public final class OffloadExecutor: ExpertExecutor {
         }
     }
 
-    /// Scales the CPU cost by what this step measured (an exponential moving average), so
-    /// the planner follows the machine as it is now (other load, frequency, bandwidth).
-    private func refreshCPU(measured: Double, experts: [Int], assignments: [[ExpertAssignment]]) {
-        let predicted = experts.reduce(0.0) { $0 + latency.cpu(assignments[$1].count) }
+    /// Scales the CPU cost by what this step measured against what the plan predicted (an
+    /// exponential moving average), so the planner follows the machine as it is now
+    /// (other load, frequency, bandwidth).
+    private func refreshCPU(measured: Double, predicted: Double) {
         guard predicted > 0, measured > 0 else { return }
         let ratio = min(4, max(0.25, measured / predicted))
-        let scale = 0.8 + 0.2 * ratio
-        latency.cpu = ExpertPlanner.Cost(fixed: latency.cpu.fixed * scale, perToken: latency.cpu.perToken * scale)
+        latency.cpu = latency.cpu.scaled(0.8 + 0.2 * ratio)
     }
 
     /// Counts and reports a failed device step; slots that were being filled hold nothing usable.
@@ -269,8 +280,16 @@ public final class OffloadExecutor: ExpertExecutor {
         return slot
     }
 
-    /// Replaces the planner's latency model (a calibration loaded from a file).
-    public func use(_ latency: ExpertPlanner.LatencyModel) { self.latency = latency }
+    /// Replaces the planner's latency model (a calibration, measured or loaded from a file);
+    /// it also becomes the reference the bound is computed with.
+    public func use(_ latency: ExpertPlanner.LatencyModel) {
+        self.latency = latency
+        reference = latency
+    }
+
+    /// The latency model as calibrated (never refreshed): the best split of each layer-step's
+    /// work under it, summed, is the run's bound (`OffloadStats.boundSeconds`).
+    public private(set) var reference: ExpertPlanner.LatencyModel?
 
     /// Hands over the warnings gathered so far.
     public func takeWarnings() -> [String] {

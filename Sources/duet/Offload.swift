@@ -163,8 +163,8 @@ extension OffloadSetup {
         let total = e.placement.layers * e.placement.experts
         return "\(e.policy.rawValue) on \(e.device.name): \(e.placement.resident.count) of \(total) experts resident "
             + "(\(m.total >> 20) of \(m.limit >> 20) MiB in use), \(e.placement.order.rawValue) order; "
-            + "pinned \(pinnedBytes >> 20) MiB in \(fixed(pinSeconds, 2)) s; latency per expert: CPU \(ms(l.cpu.fixed)) + \(ms(l.cpu.perToken))/token, "
-            + "device \(ms(l.gpu.fixed)) + \(ms(l.gpu.perToken))/token, copy \(ms(l.transfer)) (\(latencySource))"
+            + "pinned \(pinnedBytes >> 20) MiB in \(fixed(pinSeconds, 2)) s; latency per expert: CPU \(l.cpu), device \(l.gpu), copy \(ms(l.transfer)) "
+            + "(CPU x\(fixed(l.cpuSlowdownWhileCopying, 2)) during copies; \(latencySource))"
     }
 }
 

@@ -183,8 +183,8 @@ struct Calibrate: ParsableCommand {
                 + "  " + fixed(p.deviceSeconds * 1000, 3).padding(9, left: true) + "\n")
         }
         let m = calibration.model
-        Console.out("copy one expert: \(ms(calibration.transferSeconds)); fits: CPU \(ms(m.cpu.fixed)) + \(ms(m.cpu.perToken))/token, "
-            + "device \(ms(m.gpu.fixed)) + \(ms(m.gpu.perToken))/token\n")
+        _ = m
+        Console.out("copy one expert: \(ms(calibration.transferSeconds)); the CPU is x\(fixed(m.cpuSlowdownWhileCopying, 2)) slower while copies run\n")
         Console.out("stored in \(try calibration.save(directory: duetCacheDirectory("calibration")))\n")
     }
 }

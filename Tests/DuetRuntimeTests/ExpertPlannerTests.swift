@@ -52,6 +52,19 @@ import Testing
         #expect(plan.makespan == 90)
     }
 
+    /// Copies slow the CPU down (shared DRAM). Each expert: 10 on the CPU, 1 + 12 copied.
+    /// With the CPU 1.5x slower while a copy runs, one expert on each side takes
+    /// max(15, 13) = 15, better than both on the CPU (20) or both copied (26); at 2.5x it
+    /// would take max(25, 13) = 25, so both stay on the CPU.
+    @Test func copiesSlowTheCPU() {
+        let loads = [P.Load(expert: 1, tokens: 1, resident: false), P.Load(expert: 2, tokens: 1, resident: false)]
+        var model = P.LatencyModel(cpu: .init(fixed: 0, perToken: 10), gpu: .init(fixed: 1, perToken: 0), transfer: 12, cpuSlowdownWhileCopying: 1.5)
+        #expect(P.plan(loads, model: model).makespan == 15)
+        model.cpuSlowdownWhileCopying = 2.5
+        let plan = P.plan(loads, model: model)
+        #expect(plan.copied.isEmpty && plan.makespan == 20)
+    }
+
     /// Nothing routed: nothing to do.
     @Test func emptyLayer() {
         let model = P.LatencyModel(cpu: .init(fixed: 1, perToken: 1), gpu: .init(fixed: 1, perToken: 1), transfer: 1)

@@ -57,14 +57,17 @@ struct ExpertPlacementTests {
         #expect(throws: PlacementError.self) { try profile().check(layers: 3, experts: 3, path: "p") }
     }
 
-    @Test func latencyFitIsLeastSquares() {
-        // Points on 2 + 0.5 T exactly, then a fit forced through the origin.
-        let exact = LatencyCalibration(fingerprint: "f", points: [.init(tokens: 1, cpuSeconds: 2.5, deviceSeconds: 1),
-                                                                  .init(tokens: 9, cpuSeconds: 6.5, deviceSeconds: 0)], transferSeconds: 3)
-        #expect(abs(exact.model.cpu.fixed - 2) < 1e-12 && abs(exact.model.cpu.perToken - 0.5) < 1e-12)
-        // Device times fall with T: slope clamped at 0, fixed = the mean.
-        #expect(exact.model.gpu.perToken == 0 && abs(exact.model.gpu.fixed - 0.5) < 1e-12)
-        #expect(exact.model.transfer == 3)
+    @Test func calibrationInterpolatesItsPoints() {
+        let c = LatencyCalibration(fingerprint: "f", points: [.init(tokens: 1, cpuSeconds: 3, deviceSeconds: 1),
+                                                              .init(tokens: 8, cpuSeconds: 2.5, deviceSeconds: 1.5),
+                                                              .init(tokens: 16, cpuSeconds: 7, deviceSeconds: 2)], transferSeconds: 6)
+        // The CPU's noisy dip at 8 tokens is flattened (more tokens never cost less): 3 up to 8,
+        // then 3 + (7 - 3) / 8 per token, and the last segment extends beyond 16.
+        #expect(c.model.cpu(1) == 3 && c.model.cpu(8) == 3)
+        #expect(c.model.cpu(12) == 5 && c.model.cpu(24) == 11)
+        let expected: Double = 1 + 0.5 * 3 / 7
+        #expect(c.model.gpu(4) == expected)
+        #expect(c.model.cpu(0) == 0 && c.model.transfer == 6 && c.model.cpuSlowdownWhileCopying == 1)
     }
 }
 
@@ -156,7 +159,7 @@ struct ExpertPlacementTests {
         let calibration = try executor.calibrate(tokenCounts: [1, 4], repeats: 2, fingerprint: "test")
         #expect(calibration.points.map(\.tokens) == [1, 4])
         #expect(calibration.points.allSatisfy { $0.cpuSeconds > 0 && $0.deviceSeconds > 0 })
-        #expect(calibration.transferSeconds > 0)
+        #expect(calibration.transferSeconds > 0 && calibration.cpuSlowdownWhileCopying >= 1)
         #expect(executor.latency == calibration.model)
         let dir = makeTemporaryDirectory()
         let path = try calibration.save(directory: dir)
