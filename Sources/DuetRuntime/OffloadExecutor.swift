@@ -41,6 +41,28 @@ public struct OffloadStats: Sendable, Equatable {
     public var plannedSeconds = 0.0
     public var boundSeconds = 0.0
 
+    public init() {}
+
+    /// What happened between `earlier` and this snapshot.
+    public func since(_ earlier: OffloadStats) -> OffloadStats {
+        var d = OffloadStats()
+        d.layerSteps = layerSteps - earlier.layerSteps
+        d.residentTokenExperts = residentTokenExperts - earlier.residentTokenExperts
+        d.copiedTokenExperts = copiedTokenExperts - earlier.copiedTokenExperts
+        d.cpuTokenExperts = cpuTokenExperts - earlier.cpuTokenExperts
+        d.copiedExperts = copiedExperts - earlier.copiedExperts
+        d.bytesCopied = bytesCopied - earlier.bytesCopied
+        d.activationBytes = activationBytes - earlier.activationBytes
+        d.cpuSeconds = cpuSeconds - earlier.cpuSeconds
+        d.deviceWaitSeconds = deviceWaitSeconds - earlier.deviceWaitSeconds
+        d.deviceCopySeconds = deviceCopySeconds - earlier.deviceCopySeconds
+        d.deviceComputeSeconds = deviceComputeSeconds - earlier.deviceComputeSeconds
+        d.fallbacks = fallbacks - earlier.fallbacks
+        d.plannedSeconds = plannedSeconds - earlier.plannedSeconds
+        d.boundSeconds = boundSeconds - earlier.boundSeconds
+        return d
+    }
+
     /// Share of routed token-expert pairs whose expert was resident.
     public var hitRate: Double {
         let total = residentTokenExperts + copiedTokenExperts + cpuTokenExperts

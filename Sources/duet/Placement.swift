@@ -166,7 +166,7 @@ struct Calibrate: ParsableCommand {
 
     @OptionGroup var engine: EngineOptions
 
-    @Option(name: .long, help: "Token counts to time one expert at.")
+    @Option(name: .long, parsing: .upToNextOption, help: "Token counts to time one expert at.")
     var tokens: [Int] = [1, 2, 4, 8, 16, 32, 64, 128]
 
     func run() throws {

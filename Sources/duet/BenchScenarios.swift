@@ -1,0 +1,238 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import ArgumentParser
+import DuetCPU
+import DuetCUDA
+import DuetCore
+import DuetFormats
+import DuetModels
+import DuetRuntime
+
+/// `duet bench scenarios`: Fiddler's evaluation (single batch, long prefill, beam search)
+/// for every strategy on one set of weights, each row next to its bound — the best split of
+/// the same routed expert work between the CPU and PCIe, under the latency model measured in
+/// the same run (CPU expert kernels at the token counts that occur, copies of pinned experts).
+struct BenchScenarios: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "scenarios",
+        abstract: "Single-batch decode, prefill and beam search per strategy, with bounds (JSON lines + a table).")
+
+    @OptionGroup var engine: EngineOptions
+
+    @Option(name: .long, parsing: .upToNextOption, help: "Strategies to run: fiddler, gpu-swap, layer-split, cpu-only.")
+    var strategies: [Strategy] = [.fiddler, .gpuSwap, .layerSplit, .cpuOnly]
+
+    @Option(name: .long, parsing: .upToNextOption, help: "Scenario groups: single, prefill, beam.")
+    var groups: [String] = ["single", "prefill", "beam"]
+
+    @Flag(name: .long, help: "Fiddler's whole grid: inputs 32-256 x outputs 64-512, beam widths 4, 8, 12, 16.")
+    var full = false
+
+    @Option(name: .long, help: "Rows are appended here as they finish (JSON lines).")
+    var output = "scenarios.jsonl"
+
+    @Option(name: .long, help: "Skip the rows this file already holds (same scenario, strategy and settings).")
+    var resume: String?
+
+    @Option(name: .long, parsing: .upToNextOption, help: "Calibration token counts (cover the per-expert token counts of the prefill rows).")
+    var calibrationTokens: [Int] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+    struct Scenario: Codable, Hashable {
+        var group: String
+        var input: Int
+        var output: Int
+        var width: Int
+        var name: String { group == "beam" ? "beam W=\(width) \(input)/\(output)" : group == "prefill" ? "prefill \(input)" : "single \(input)/\(output)" }
+    }
+
+    struct Row: Codable {
+        var bench = "scenarios"
+        var device: String
+        var scenario: Scenario
+        var strategy: String
+        var layout: String
+        var gpuMemoryGiB: Double
+        var prefillSeconds: Double
+        var decodeTokensPerSecond: Double?
+        var stepSeconds: Double?
+        /// The measured phase's time split (seconds) and what moved.
+        var cpuExpertSeconds: Double
+        var deviceWaitSeconds: Double
+        var deviceCopySeconds: Double
+        var otherSeconds: Double
+        var hitRate: Double
+        var bytesCopiedPerStep: Double
+        var activationBytesPerStep: Double
+        /// The expert part's best CPU/PCIe split under the measured latency model, and bound / measured.
+        var boundSeconds: Double
+        var measuredSeconds: Double
+        var fraction: Double
+    }
+
+    func scenarios() -> [Scenario] {
+        var out: [Scenario] = []
+        if groups.contains("single") {
+            let grid = full ? [32, 64, 128, 256].flatMap { i in [64, 128, 256, 512].map { (i, $0) } } : [(32, 64), (128, 128), (256, 64)]
+            out += grid.map { Scenario(group: "single", input: $0.0, output: $0.1, width: 1) }
+        }
+        if groups.contains("prefill") { out += [128, 512, 2048, 4096].map { Scenario(group: "prefill", input: $0, output: 1, width: 1) } }
+        if groups.contains("beam") { out += (full ? [4, 8, 12, 16] : [4, 16]).map { Scenario(group: "beam", input: 32, output: 64, width: $0) } }
+        return out
+    }
+
+    func run() throws {
+        guard let synthetic = engine.synthetic else { throw CLIError("bench scenarios runs on --synthetic weights (e.g. mixtral-8x7b)") }
+        // The GPU's KV cache must hold the longest scenario.
+        var engine = self.engine
+        engine.maxContext = max(engine.maxContext, scenarios().map { $0.input + $0.output * $0.width + 1 }.max() ?? 0)
+        let done = try resume.map(Self.finished) ?? []
+        let kernels = try engine.makeKernels()
+        let start = ContinuousClock.now
+        let model = try SyntheticWeights.mixtral(synthetic, layers: engine.layers, seed: engine.syntheticSeed, routerSkew: engine.routerSkew, kernels: kernels)
+        Console.err("weights generated in \(fixed(secondsSince(start), 1)) s\n")
+        var calibration: LatencyCalibration? = nil
+        // Offload strategies first: the first one calibrates, cpu-only's bound uses its CPU times.
+        for strategy in strategies.filter({ $0 != .cpuOnly }) + strategies.filter({ $0 == .cpuOnly }) {
+            let todo = scenarios().filter { !done.contains(Key(scenario: $0, strategy: strategy.rawValue)) }
+            guard !todo.isEmpty else { continue }
+            for layout in [DensePlacement.gpu, .cpu] {
+                let rows = todo.filter { (layout == .gpu) == ($0.group != "beam") }
+                guard !rows.isEmpty else { continue }
+                try runStrategy(strategy, layout: strategy == .cpuOnly ? .cpu : layout, model: model, scenarios: rows,
+                                calibration: &calibration, engine: engine)
+            }
+        }
+    }
+
+    struct Key: Hashable { var scenario: Scenario; var strategy: String }
+
+    static func finished(_ path: String) throws -> Set<Key> {
+        guard fileExists(path) else { return [] }
+        let lines = String(decoding: try readSmallFile(path), as: UTF8.self).split(separator: "\n")
+        return Set(lines.compactMap { try? JSONDecoder().decode(Row.self, from: Data($0.utf8)) }.map { Key(scenario: $0.scenario, strategy: $0.strategy) })
+    }
+
+    /// Sets up one strategy in one layout, runs its scenarios, and tears it down.
+    func runStrategy(_ strategy: Strategy, layout: DensePlacement, model: MixtralModel, scenarios: [Scenario],
+                     calibration: inout LatencyCalibration?, engine: EngineOptions) throws {
+        var run: any LanguageModel = model
+        var executor: OffloadExecutor? = nil
+        var deviceName = "CPU"
+        if let policy = strategy.offloadPolicy {
+            run = try engine.offloadModel(policy, mixtral: model, kernels: model.kernels, dense: layout)
+            guard let e = offloadExecutor(of: run) else { throw CLIError("no device for --strategy \(strategy.rawValue)") }
+            executor = e
+            deviceName = e.device.name
+            if let calibration { e.use(calibration.model) } else {
+                let fingerprint = LatencyCalibration.fingerprint(threads: model.kernels.pool.threadCount, device: e.device.name,
+                                                                 shape: e.shape, cpuPath: model.kernels.path.rawValue)
+                calibration = try e.calibrate(tokenCounts: calibrationTokens, repeats: 3, fingerprint: fingerprint)
+                _ = try? calibration!.save(directory: duetCacheDirectory("calibration"))  // later set-ups load it
+                Console.err("calibrated: CPU \(calibration!.model.cpu); device \(calibration!.model.gpu); copy \(ms(calibration!.transferSeconds)); "
+                    + "CPU x\(fixed(calibration!.cpuSlowdownWhileCopying, 2)) during copies\n")
+            }
+        }
+        defer {
+            model.expertExecutor = nil
+            model.routingObserver = nil
+        }
+        // cpu-only: the bound is the CPU's time for the routed experts (calibrated kernels).
+        var cpuBound = 0.0
+        if executor == nil {
+            let cost = calibration?.model.cpu ?? cpuCost(model)
+            model.routingObserver = { _, choices in
+                var counts = [Int: Int]()
+                for c in choices { for e in c.experts { counts[e, default: 0] += 1 } }
+                cpuBound += counts.values.reduce(0.0) { $0 + cost($1) }
+            }
+        }
+        for s in scenarios {
+            let row = try measure(s, strategy: strategy, layout: layout, model: run, executor: executor, cpuBound: { cpuBound },
+                                  device: deviceName, gpuMemory: engine.gpuMemory)
+            try append(row)
+            Console.out(describe(row) + "\n")
+        }
+    }
+
+    /// The CPU's expert time at the calibration token counts (best of 2), when no device calibrated.
+    func cpuCost(_ model: MixtralModel) -> ExpertPlanner.Cost {
+        let D = model.config.hiddenSize
+        return ExpertPlanner.Cost(measured: calibrationTokens.map { T in
+            let x = [Float](repeating: 0.25, count: T * D)
+            var best = Double.infinity
+            for _ in 0..<2 {
+                let t0 = ContinuousClock.now
+                _ = model.expertFFN(x, layer: 0, expert: 0, tokens: T)
+                best = min(best, secondsSince(t0))
+            }
+            return (T, best)
+        })
+    }
+
+    func measure(_ s: Scenario, strategy: Strategy, layout: DensePlacement, model: any LanguageModel, executor: OffloadExecutor?,
+                 cpuBound: () -> Double, device: String, gpuMemory: String?) throws -> Row {
+        let prompt = (0..<s.input).map { Int32(1 + ($0 * 7919 + s.input) % (model.vocabSize - 1)) }
+        var before = executor?.stats ?? OffloadStats(), boundBefore = cpuBound()
+        var prefill = 0.0, measured = 0.0, steps = 0
+        var tokensPerSecond: Double? = nil, stepSeconds: Double? = nil
+        switch s.group {
+        case "beam":
+            let t0 = ContinuousClock.now
+            let beams = try beamSearch(model: model, prompt: prompt, options: BeamSearchOptions(width: s.width, maxNewTokens: s.output, stopTokenIds: []))
+            measured = secondsSince(t0)
+            steps = s.output
+            stepSeconds = measured / Double(steps)
+            _ = beams
+        case "prefill":
+            let r = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: 1, stopTokenIds: []))
+            prefill = r.timings.prefillSeconds
+            measured = prefill
+            steps = 1
+        default:
+            var first = true
+            let r = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: s.output + 1, stopTokenIds: [])) { _ in
+                if first { before = executor?.stats ?? OffloadStats(); boundBefore = cpuBound(); first = false }
+            }
+            prefill = r.timings.prefillSeconds
+            measured = r.timings.decodeSeconds
+            steps = r.timings.decodeSteps
+            tokensPerSecond = r.timings.decodeTokensPerSecond
+        }
+        let after = executor?.stats ?? OffloadStats()
+        let d = after.since(before)
+        let bound = executor == nil ? cpuBound() - boundBefore : d.boundSeconds
+        let cpu = executor == nil ? measured : d.cpuSeconds
+        return Row(device: device, scenario: s, strategy: strategy.rawValue, layout: "dense-on-\(layout.rawValue)",
+                   gpuMemoryGiB: Double(gpuMemory.flatMap(parseByteSize) ?? 0) / 1073741824, prefillSeconds: prefill,
+                   decodeTokensPerSecond: tokensPerSecond, stepSeconds: stepSeconds,
+                   cpuExpertSeconds: cpu, deviceWaitSeconds: d.deviceWaitSeconds, deviceCopySeconds: d.deviceCopySeconds,
+                   otherSeconds: max(0, measured - cpu - d.deviceWaitSeconds),
+                   hitRate: d.hitRate, bytesCopiedPerStep: Double(d.bytesCopied) / Double(max(steps, 1)),
+                   activationBytesPerStep: Double(d.activationBytes) / Double(max(steps, 1)),
+                   boundSeconds: bound, measuredSeconds: measured, fraction: measured > 0 ? bound / measured : 0)
+    }
+
+    func append(_ row: Row) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let line = String(decoding: try encoder.encode(row), as: UTF8.self) + "\n"
+        guard let f = fopen(output, "a") else { throw CLIError("cannot append to \(output)") }
+        defer { fclose(f) }
+        fputs(line, f)
+    }
+
+    func describe(_ r: Row) -> String {
+        let speed = r.decodeTokensPerSecond.map { "\(fixed($0, 2)) tok/s" } ?? r.stepSeconds.map { "\(fixed($0, 3)) s/step" } ?? "\(fixed(r.prefillSeconds, 3)) s"
+        return "\(r.scenario.name.padding(18)) \(r.strategy.padding(11)) \(r.layout.padding(12)) \(speed.padding(13)) prefill \(fixed(r.prefillSeconds, 2)) s | "
+            + "CPU \(fixed(r.cpuExpertSeconds, 2)) s, wait \(fixed(r.deviceWaitSeconds, 2)) s, copies \(fixed(r.deviceCopySeconds, 2)) s, other \(fixed(r.otherSeconds, 2)) s | "
+            + "hit \(fixed(r.hitRate * 100, 1))% | \(fixed(r.bytesCopiedPerStep / 1e9, 2)) GB copied/step | bound \(fixed(r.boundSeconds, 2)) s of \(fixed(r.measuredSeconds, 2)) s = \(fixed(r.fraction, 2))"
+    }
+}
+
+extension Strategy: Codable {}
