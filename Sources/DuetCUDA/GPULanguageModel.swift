@@ -7,6 +7,8 @@ public final class GPULanguageModel: LanguageModel {
     public let cpuModel: MixtralModel
     public let gpuModel: GPUMixtral
     private weak var activeCache: KVCache?
+    /// Most tokens one GPU forward runs (longer prompts go in chunks).
+    public var prefillChunk = 2048
 
     /// `experts: false` uploads everything but the experts (Fiddler's layout; set
     /// `gpuModel.expertExecutor`); `maxPositions` bounds the GPU's KV cache.
@@ -41,7 +43,12 @@ public final class GPULanguageModel: LanguageModel {
         }
         guard cache.length == gpuModel.length else { throw .cacheFull("the GPU cache and the sequence disagree on its length") }
         do {
-            let logits = try gpuModel.forward(tokens)
+            // Long prompts in chunks: the causal cache makes it the same computation, and the
+            // workspace stays what one chunk needs.
+            var logits: [Float] = []
+            for start in stride(from: 0, to: tokens.count, by: prefillChunk) {
+                logits = try gpuModel.forward(Array(tokens[start..<min(tokens.count, start + prefillChunk)]))
+            }
             cache.advance(tokens.count)
             return logits
         } catch {

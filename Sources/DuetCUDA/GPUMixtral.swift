@@ -85,6 +85,15 @@ public final class GPUMixtral {
         values = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
     }
 
+    /// Workspace a forward of `tokens` tokens allocates (the recycled buffers are rounded up
+    /// to powers of two), so a budget can keep it free.
+    public static func workspaceBytes(_ c: MixtralConfiguration, tokens T: Int) -> Int {
+        func rounded(_ floats: Int) -> Int { max(256, 1 << (Int.bitWidth - (max(floats * 4, 1) - 1).leadingZeroBitCount)) }
+        let D = c.hiddenSize, qd = c.numAttentionHeads * c.headDim, kvd = c.numKeyValueHeads * c.headDim
+        return rounded(T) + 4 * rounded(T * D) + 2 * rounded(T * qd) + 2 * rounded(T * kvd) + rounded(T * c.numLocalExperts)
+            + 2 * rounded(D) + rounded(c.vocabSize) + rounded(1)
+    }
+
     /// Forgets the sequence.
     public func reset() { length = 0 }
 

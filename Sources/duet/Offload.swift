@@ -59,14 +59,17 @@ extension EngineOptions {
 
     /// Places experts on `device` within what its budget has left, pins the experts it may
     /// stream and loads or measures the latency model; the caller installs the executor.
-    func installOffload(_ policy: OffloadPolicy, model: MixtralModel, device: any ExpertDevice) throws -> OffloadSetup {
+    /// `stepTokens`: most tokens one forward step sends (sizes the device's staging);
+    /// `reserved`: bytes the budget keeps free besides (the dense layers' workspace).
+    func installOffload(_ policy: OffloadPolicy, model: MixtralModel, device: any ExpertDevice,
+                        stepTokens: Int = 64, reserved extra: Int = 0) throws -> OffloadSetup {
         let c = model.config
         guard model.expertFormat == nil else {
             throw CLIError("--strategy \(policy.rawValue) runs stored-dtype experts; quantized experts on the GPU are not built yet (issue 11)")
         }
         let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
-        let maxRows = 64 * c.numExpertsPerToken  // grows on demand for longer prompts
-        let reserved = device.memory.total + device.workspaceBytes(shape: shape, maxRows: maxRows)
+        let maxRows = stepTokens * c.numExpertsPerToken  // grows on demand (within the budget) for longer steps
+        let reserved = device.memory.total + extra + device.workspaceBytes(shape: shape, maxRows: maxRows)
             + OffloadExecutor.streamingSlots(policy) * shape.bytes
         let capacity = ExpertPlacement.capacity(budget: device.memory.limit, reserved: reserved, bytesPerExpert: shape.bytes,
                                                 total: c.numHiddenLayers * c.numLocalExperts)
@@ -133,7 +136,9 @@ extension EngineOptions {
                 let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseByteSize))
                 let context = min(maxContext, mixtral.maxPositions)
                 let model = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: context, experts: false)
-                let setup = try installOffload(policy, model: mixtral, device: try CUDAExpertDevice(gpu: GPU(sharing: gpu)))
+                let chunk = model.prefillChunk
+                let setup = try installOffload(policy, model: mixtral, device: try CUDAExpertDevice(gpu: GPU(sharing: gpu)),
+                                               stepTokens: chunk, reserved: GPUMixtral.workspaceBytes(mixtral.config, tokens: chunk))
                 model.gpuModel.expertExecutor = setup.executor
                 Console.err("non-expert layers and a \(context)-position KV cache on the GPU (\(gpu.budget.used["weights", default: 0] >> 20) MiB of weights); " + setup.summary + "\n")
                 return model
