@@ -91,22 +91,30 @@ func cpuModelName() -> String {
 }
 
 extension OffloadExecutor {
-    /// Measures the latency model on this machine now: the CPU and the device each run one
-    /// expert at `tokenCounts` tokens (best of `repeats`), and the device copies one expert's
+    /// Measures the latency model on this machine now: the CPU runs experts at `tokenCounts`
+    /// tokens (the mean over distinct experts), the device one (best of `repeats`), and the device copies one expert's
     /// weights into a slot. Takes a few seconds for a Mixtral-8x7B expert; the planner uses the result.
     public func calibrate(tokenCounts: [Int] = [1, 4, 16, 64], repeats: Int = 3, fingerprint: String) throws(DeviceError) -> LatencyCalibration {
         let D = shape.hidden
         let probe = ExpertKey(layer: 0, expert: 0)
         let slot = try calibrationSlot(probe)
+        // The CPU runs a different expert each time (as in a real step: weights straight from
+        // DRAM, no warm TLB or cache), averaged; the device's best time over its slot.
+        let L = model.config.numHiddenLayers, E = model.config.numLocalExperts
+        let rotation = (0..<max(4, repeats)).map { i in ExpertKey(layer: i % L, expert: (i / L + i) % E) }
         var points: [LatencyCalibration.Point] = []
         for T in tokenCounts {
             var rng = SplitMix(seed: UInt64(T))
             let x = (0..<(T * D)).map { _ in rng.nextFloat() }
-            var cpu = Double.infinity, onDevice = Double.infinity
-            for _ in 0..<repeats {
+            _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: T)  // warm-up (buffers, pool)
+            var cpu = 0.0
+            for key in rotation {
                 let start = ContinuousClock.now
-                _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: T)
-                cpu = min(cpu, secondsSince(start))
+                _ = model.expertFFN(x, layer: key.layer, expert: key.expert, tokens: T)
+                cpu += secondsSince(start) / Double(rotation.count)
+            }
+            var onDevice = Double.infinity
+            for _ in 0..<repeats {
                 try device.submit([DeviceJob(slot: slot, copy: nil, tokens: T)], input: x)
                 onDevice = min(onDevice, try device.collect().computeSeconds)
             }
