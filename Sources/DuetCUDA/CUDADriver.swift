@@ -166,3 +166,32 @@ final class NVRTC: @unchecked Sendable {
         return out.map { UInt8(bitPattern: $0) }
     }
 }
+
+/// cuBLAS, loaded with dlopen: bf16 GEMMs for steps with many tokens (prefill), where the
+/// GEMV kernels would re-read the weights every 8 tokens.
+final class CUBLAS: @unchecked Sendable {
+    let create: @convention(c) (UnsafeMutablePointer<OpaquePointer?>) -> Int32
+    let setStream: @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
+    /// cublasGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType, algo)
+    let gemmEx: @convention(c) (OpaquePointer?, Int32, Int32, Int32, Int32, Int32, UnsafeRawPointer, UInt64, Int32, Int32,
+                                UInt64, Int32, Int32, UnsafeRawPointer, UInt64, Int32, Int32, Int32, Int32) -> Int32
+
+    init() throws(CUDAError) {
+        let names = ["libcublas.so.13", "libcublas.so.12", "libcublas.so"]
+        guard let h = names.lazy.compactMap({ dlopen($0, RTLD_NOW) }).first else {
+            throw .unavailable("libcublas not found (tried \(names.joined(separator: ", ")))")
+        }
+        func sym<T>(_ name: String, _: T.Type) throws(CUDAError) -> T {
+            guard let p = dlsym(h, name) else { throw .unavailable("libcublas has no \(name)") }
+            return unsafeBitCast(p, to: T.self)
+        }
+        create = try sym("cublasCreate_v2", type(of: create))
+        setStream = try sym("cublasSetStream_v2", type(of: setStream))
+        gemmEx = try sym("cublasGemmEx", type(of: gemmEx))
+    }
+
+    static let opN: Int32 = 0, opT: Int32 = 1
+    static let r32F: Int32 = 0, r16BF: Int32 = 14
+    static let compute32F: Int32 = 68
+    static let defaultAlgo: Int32 = -1
+}

@@ -261,6 +261,27 @@ public final class GPU: @unchecked Sendable {
     /// The stream kernels are launched on (nil: the legacy default stream).
     var stream: OpaquePointer? = nil
 
+    /// Token counts from this up use cuBLAS GEMMs for bf16 matmuls (when libcublas loads).
+    public var gemmMinTokens = 32
+    private var blasState: (CUBLAS, OpaquePointer?)?? = nil
+    /// cuBLAS and a handle on this GPU's stream, created at first use (nil: not available; said once).
+    var blas: (library: CUBLAS, handle: OpaquePointer?)? {
+        if blasState == nil {
+            do {
+                let library = try CUBLAS()
+                var handle: OpaquePointer? = nil
+                guard library.create(&handle) == 0 else { throw CUDAError.unavailable("cublasCreate failed") }
+                blasState = .some((library, handle))
+            } catch {
+                let line = "warning: \(error); large matmuls use the GEMV kernels\n"
+                _ = line.withCString { write(2, $0, strlen($0)) }
+                blasState = .some(nil)
+            }
+        }
+        guard let state = blasState!, state.0.setStream(state.1, stream) == 0 else { return nil }
+        return (state.0, state.1)
+    }
+
     /// Launches `function` with arguments given as pointers to their values.
     public func launch(_ function: OpaquePointer, grid: (UInt32, UInt32, UInt32), block: (UInt32, UInt32, UInt32),
                        sharedBytes: UInt32 = 0, arguments: [UnsafeMutableRawPointer?]) throws(CUDAError) {
@@ -270,6 +291,9 @@ public final class GPU: @unchecked Sendable {
             driver.cuLaunchKernel(function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, stream, $0.baseAddress, nil)
         }, "cuLaunchKernel")
     }
+
+    /// Counts a launch made outside `launch` (cuBLAS).
+    func countLaunch() { launches += 1 }
 
     public func synchronize() throws(CUDAError) { try driver.check(driver.cuCtxSynchronize(), "cuCtxSynchronize") }
 }

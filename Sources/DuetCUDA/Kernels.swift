@@ -196,6 +196,14 @@ enum KernelSource {
         return acc;
     }
 
+    // y = x rounded to bf16 (round to nearest even), n elements.
+    __global__ void f32_to_bf16(const float* x, unsigned short* y, long n) {
+        long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+        if (i >= n) return;
+        unsigned int b = __float_as_uint(x[i]);
+        y[i] = (b & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((b >> 16) | 0x40) : (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    }
+
     // Decode-time MoE without a host round trip: the router's choices stay on the device and
     // the kernels find each expert's weights through per-layer pointer tables.
     // h[a, r] = silu(W1[e] r . x[t]) * (W3[e] r . x[t]) for assignment a = t * k + j, e = ids[a].
@@ -415,11 +423,37 @@ public struct GPUOps {
         try gpu.launch(f, grid: (UInt32((D + 7) / 8), UInt32(T), 1), block: (256, 1, 1), arguments: a.pointers)
     }
 
-    /// y `[T, N]` = x `[T, K]` @ W^T, W bf16 `[N, K]`.
+    /// y `[T, N]` = x `[T, K]` @ W^T, W bf16 `[N, K]`: the GEMV kernel for few tokens, a cuBLAS
+    /// GEMM on x rounded to bf16 (fp32 accumulation) from `gpu.gemmMinTokens` tokens up.
     public func matmulBF16(_ x: DeviceBuffer, _ w: DeviceBuffer, _ y: DeviceBuffer, rows N: Int, cols K: Int, tokens T: Int) throws(CUDAError) {
+        if T >= gpu.gemmMinTokens, let blas = gpu.blas {
+            return try gemmBF16(blas, x, w, y, rows: N, cols: K, tokens: T)
+        }
+        try gemvBF16(x, w, y, rows: N, cols: K, tokens: T)
+    }
+
+    /// The GEMV kernel alone (every token count).
+    public func gemvBF16(_ x: DeviceBuffer, _ w: DeviceBuffer, _ y: DeviceBuffer, rows N: Int, cols K: Int, tokens T: Int) throws(CUDAError) {
         let f = try gpu.function("gemv_bf16", in: KernelSource.common)
         let a = KernelArguments()
         a.add(w); a.add(x); a.add(y); a.add(Int32(N)); a.add(Int32(K)); a.add(Int32(T))
         try gpu.launch(f, grid: (UInt32((N + 7) / 8), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// Row-major y `[T, N]` = x `[T, K]` W^T is column-major y' `[N, T]` = W'^T x' with W' = the
+    /// row-major W read as column-major `[K, N]`: GemmEx(transa = T, m = N, n = T, k = K).
+    private func gemmBF16(_ blas: (library: CUBLAS, handle: OpaquePointer?), _ x: DeviceBuffer, _ w: DeviceBuffer, _ y: DeviceBuffer,
+                          rows N: Int, cols K: Int, tokens T: Int) throws(CUDAError) {
+        let xb = try gpu.allocate(T * K * 2, category: GPU.workspace)  // x in bf16
+        let f = try gpu.function("f32_to_bf16", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(x); a.add(xb); a.add(Int64(T * K))
+        try gpu.launch(f, grid: (UInt32((T * K + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+        var alpha: Float = 1, beta: Float = 0
+        let status = blas.library.gemmEx(blas.handle, CUBLAS.opT, CUBLAS.opN, Int32(N), Int32(T), Int32(K), &alpha,
+                                         w.pointer, CUBLAS.r16BF, Int32(K), xb.pointer, CUBLAS.r16BF, Int32(K), &beta,
+                                         y.pointer, CUBLAS.r32F, Int32(N), CUBLAS.compute32F, CUBLAS.defaultAlgo)
+        gpu.countLaunch()
+        guard status == 0 else { throw .call("cublasGemmEx", code: status, name: "cuBLAS status \(status)") }
     }
 }

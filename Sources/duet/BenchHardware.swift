@@ -343,7 +343,8 @@ struct SelfTest: ParsableCommand {
             case .success(let r):
                 Console.out("GPU: \(r.device)\n")
                 results += r.checks.map { (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed) }
-                results += try (GPUSelfTest.modelChecks(goldens: goldens) + GPUSelfTest.offloadChecks(goldens: goldens)).map {
+                results += try (GPUSelfTest.modelChecks(goldens: goldens) + GPUSelfTest.longPromptChecks(goldens: goldens)
+                                 + GPUSelfTest.offloadChecks(goldens: goldens)).map {
                     (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed)
                 }
             case .failure(.unavailable(let why)):
