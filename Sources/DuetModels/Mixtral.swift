@@ -468,19 +468,27 @@ public protocol ExpertExecutor: AnyObject {
 
 /// The rows of `h` `[T, D]` routed to one expert, packed. `[Te, D]`
 public func gatherRows(_ h: [Float], _ rows: [ExpertAssignment], dim D: Int) -> [Float] {
-    var xs = [Float](repeating: 0, count: rows.count * D)
-    for (i, r) in rows.enumerated() { xs.replaceSubrange((i * D)..<((i + 1) * D), with: h[(r.token * D)..<((r.token + 1) * D)]) }
-    return xs
+    [Float](unsafeUninitializedCapacity: rows.count * D) { out, count in
+        h.withUnsafeBufferPointer { src in
+            for (i, r) in rows.enumerated() { (out.baseAddress! + i * D).update(from: src.baseAddress! + r.token * D, count: D) }
+        }
+        count = rows.count * D
+    }
 }
 
 /// `[T, D]`: each expert's outputs `[Te, D]` (nil where no token went) weighted by the
 /// router and summed per token in ascending expert order.
 public func combineExperts(_ outputs: [[Float]?], _ assigned: [[ExpertAssignment]], tokens T: Int, dim D: Int) -> [Float] {
     var out = [Float](repeating: 0, count: T * D)
-    for (e, ys) in outputs.enumerated() {
-        guard let ys else { continue }
-        for (i, r) in assigned[e].enumerated() {
-            for j in 0..<D { out[r.token * D + j] += r.weight * ys[i * D + j] }
+    out.withUnsafeMutableBufferPointer { o in
+        for (e, ys) in outputs.enumerated() {
+            guard let ys else { continue }
+            ys.withUnsafeBufferPointer { y in
+                for (i, r) in assigned[e].enumerated() {
+                    let dst = o.baseAddress! + r.token * D, src = y.baseAddress! + i * D, w = r.weight
+                    for j in 0..<D { dst[j] += w * src[j] }
+                }
+            }
         }
     }
     return out

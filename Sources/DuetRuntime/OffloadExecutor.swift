@@ -148,16 +148,13 @@ public final class OffloadExecutor: ExpertExecutor {
         var outputs = [[Float]?](repeating: nil, count: E)
 
         // Device first: it works while the CPU computes the rest.
-        var deviceExperts: [Int] = []
+        let deviceExperts = plan.resident + plan.copied
         var jobs: [DeviceJob] = []
-        var input: [Float] = []
-        for e in plan.resident + plan.copied {
-            let key = ExpertKey(layer: l, expert: e)
-            let (slot, copy) = slotFor(key)
+        for e in deviceExperts {
+            let (slot, copy) = slotFor(ExpertKey(layer: l, expert: e))
             jobs.append(DeviceJob(slot: slot, copy: copy ? model.layers[l].experts[e] : nil, tokens: assignments[e].count))
-            input += gatherRows(h, assignments[e], dim: D)
-            deviceExperts.append(e)
         }
+        let input = gatherRows(h, deviceExperts.flatMap { assignments[$0] }, dim: D)  // [Σ Te, D] in job order
         var submitted = false
         if !jobs.isEmpty {
             do {
