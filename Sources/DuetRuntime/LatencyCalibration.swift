@@ -114,9 +114,16 @@ extension OffloadExecutor {
                 cpu += secondsSince(start) / Double(rotation.count)
             }
             var onDevice = Double.infinity
-            for _ in 0..<repeats {
-                try device.submit([DeviceJob(slot: slot, copy: nil, tokens: T)], input: x)
-                onDevice = min(onDevice, try device.collect().computeSeconds)
+            do {
+                for _ in 0..<repeats {
+                    try device.submit([DeviceJob(slot: slot, copy: nil, tokens: T)], input: x)
+                    onDevice = min(onDevice, try device.collect().computeSeconds)
+                }
+            } catch .overBudget {
+                // More rows than the budget's staging holds: such steps would run on the CPU anyway;
+                // the device's time is extended in proportion from the last count it took.
+                guard let last = points.last else { throw DeviceError.overBudget("no token count fits the device's staging") }
+                onDevice = last.deviceSeconds * Double(T) / Double(last.tokens)
             }
             points.append(.init(tokens: T, cpuSeconds: cpu, deviceSeconds: onDevice))
         }

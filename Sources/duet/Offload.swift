@@ -62,7 +62,7 @@ extension EngineOptions {
     /// `stepTokens`: most tokens one forward step sends (sizes the device's staging);
     /// `reserved`: bytes the budget keeps free besides (the dense layers' workspace).
     func installOffload(_ policy: OffloadPolicy, model: MixtralModel, device: any ExpertDevice,
-                        stepTokens: Int = 64, reserved extra: Int = 0) throws -> OffloadSetup {
+                        stepTokens: Int = 256, reserved extra: Int = 0) throws -> OffloadSetup {
         let c = model.config
         guard model.expertFormat == nil else {
             throw CLIError("--strategy \(policy.rawValue) runs stored-dtype experts; quantized experts on the GPU are not built yet (issue 11)")
