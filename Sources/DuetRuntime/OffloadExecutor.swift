@@ -92,6 +92,10 @@ public final class OffloadExecutor: ExpertExecutor {
     /// Slots whose contents change during a run: fiddler's two streaming buffers, or every
     /// slot of gpu-swap's cache (LRU order: least recently used first).
     private var streaming: [Int] = []
+    /// gpu-swap: each layer's cache slots, least recently used first (mixtral-offloading keeps
+    /// one LRU cache per layer; one cache across layers would evict every expert before the
+    /// next token comes back to its layer).
+    private var swapSlots: [[Int]] = []
     private var contents: [Int: ExpertKey] = [:]
     private var nextStreaming = 0
 
@@ -124,7 +128,10 @@ public final class OffloadExecutor: ExpertExecutor {
         }
         switch policy {
         case .fiddler: streaming = Array(residentCount..<got)
-        case .gpuSwap: streaming = Array(0..<got)  // the resident set is the cache's initial contents
+        case .gpuSwap:  // the resident set is the caches' initial contents
+            streaming = Array(0..<residentCount)
+            swapSlots = [[Int]](repeating: [], count: placement.layers)
+            for (slot, key) in self.placement.resident.enumerated() { swapSlots[key.layer].append(slot) }
         case .layerSplit: streaming = []
         }
     }
@@ -206,7 +213,7 @@ public final class OffloadExecutor: ExpertExecutor {
         switch policy {
         case .fiddler where !streaming.isEmpty:
             return ExpertPlanner.plan(loads, model: latency)
-        case .gpuSwap where !streaming.isEmpty:
+        case .gpuSwap where !swapSlots[l].isEmpty:
             // More routed experts than slots: slots are reused within the step, in order
             // (the device copies into a slot only after the job before it there is done).
             var plan = ExpertPlanner.Plan()
@@ -229,13 +236,13 @@ public final class OffloadExecutor: ExpertExecutor {
     /// The slot `key` runs from, and whether its weights must be copied there first.
     private func slotFor(_ key: ExpertKey) -> (slot: Int, copy: Bool) {
         if let slot = slotOf[key] {
-            touch(slot)
+            touch(slot, layer: key.layer)
             return (slot, false)
         }
         let slot: Int
         if policy == .gpuSwap {
-            slot = streaming.removeFirst()  // least recently used (this step's hits were touched last)
-            streaming.append(slot)
+            slot = swapSlots[key.layer].removeFirst()  // least recently used (this step's hits were touched last)
+            swapSlots[key.layer].append(slot)
         } else {
             slot = streaming[nextStreaming % streaming.count]
             nextStreaming += 1
@@ -248,10 +255,10 @@ public final class OffloadExecutor: ExpertExecutor {
         return (slot, true)
     }
 
-    private func touch(_ slot: Int) {
-        guard policy == .gpuSwap, let i = streaming.firstIndex(of: slot) else { return }
-        streaming.remove(at: i)
-        streaming.append(slot)
+    private func touch(_ slot: Int, layer l: Int) {
+        guard policy == .gpuSwap, let i = swapSlots[l].firstIndex(of: slot) else { return }
+        swapSlots[l].remove(at: i)
+        swapSlots[l].append(slot)
     }
 
     private func record(_ plan: ExpertPlanner.Plan, assignments: [[ExpertAssignment]], result: DeviceResult, rows: Int) {

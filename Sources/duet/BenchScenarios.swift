@@ -31,6 +31,9 @@ struct BenchScenarios: ParsableCommand {
     @Option(name: .long, parsing: .upToNextOption, help: "Scenario groups: single, prefill, beam.")
     var groups: [String] = ["single", "prefill", "beam"]
 
+    @Option(name: .long, parsing: .upToNextOption, help: "Only the scenarios whose name starts with one of these (e.g. 'single 32/64', 'beam W=4').")
+    var only: [String] = []
+
     @Flag(name: .long, help: "Fiddler's whole grid: inputs 32-256 x outputs 64-512, beam widths 4, 8, 12, 16.")
     var full = false
 
@@ -83,7 +86,7 @@ struct BenchScenarios: ParsableCommand {
         }
         if groups.contains("prefill") { out += [128, 512, 2048, 4096].map { Scenario(group: "prefill", input: $0, output: 1, width: 1) } }
         if groups.contains("beam") { out += (full ? [4, 8, 12, 16] : [4, 16]).map { Scenario(group: "beam", input: 32, output: 64, width: $0) } }
-        return out
+        return only.isEmpty ? out : out.filter { s in only.contains { s.name.hasPrefix($0) } }
     }
 
     func run() throws {
