@@ -65,6 +65,14 @@ import Testing
         #expect(plan.copied.isEmpty && plan.makespan == 20)
     }
 
+    /// A copy that saves less than the margin is not worth the model's error: 10 on the CPU
+    /// vs 1 + 8 = 9 copied (10% less) stays on the CPU; vs 1 + 7 = 8 (20% less) is copied.
+    @Test func smallGainsStayOnTheCPU() {
+        let loads = [P.Load(expert: 0, tokens: 1, resident: false)]
+        #expect(P.plan(loads, model: .init(cpu: .init(fixed: 10, perToken: 0), gpu: .init(fixed: 1, perToken: 0), transfer: 8)).copied.isEmpty)
+        #expect(P.plan(loads, model: .init(cpu: .init(fixed: 10, perToken: 0), gpu: .init(fixed: 1, perToken: 0), transfer: 7)).copied == [0])
+    }
+
     /// Nothing routed: nothing to do.
     @Test func emptyLayer() {
         let model = P.LatencyModel(cpu: .init(fixed: 1, perToken: 1), gpu: .init(fixed: 1, perToken: 1), transfer: 1)
