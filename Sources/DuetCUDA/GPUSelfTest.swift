@@ -204,19 +204,9 @@ public enum GPUSelfTest {
             guard fileExists(file) else { continue }
             let golden = try HFGolden.load(file: file)
             let model = try GPUMixtral(try MixtralModel(directory: joinPath(goldens, name), kernels: .reference()), gpu: gpu)
-            for c in golden.cases {
+            out += try goldenChecks(golden, label: "model \(name)") { () throws -> ([Int32]) throws -> [Float] in
                 model.reset()
-                var logits = try model.forward(c.prompt)
-                out.append(Check(name: "model \(name) prefill \(c.prompt.count) tokens", error: relativeError(logits, c.prefill_logits), tolerance: 1e-4))
-                var mismatches = 0
-                for (step, token) in c.greedy.enumerated() {
-                    if c.margins[step] > 1e-3 && Int32(argmax(logits)) != token { mismatches += 1 }
-                    if step == c.decode_steps {
-                        out.append(Check(name: "model \(name) logits after \(c.decode_steps) decode steps", error: relativeError(logits, c.decode_logits), tolerance: 1e-4))
-                    }
-                    if step + 1 < c.greedy.count { logits = try model.forward([token]) }
-                }
-                out.append(Check(name: "model \(name) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5))
+                return { try model.forward($0) }
             }
         }
         return out
@@ -259,20 +249,10 @@ public enum GPUSelfTest {
                     return try model.forward(tokens, cache: cache, allLogits: false)
                 }
                 if let dense { dense.expertExecutor = executor } else { model.expertExecutor = executor }
-                for c in golden.cases {
+                out += try goldenChecks(golden, label: label) { () throws -> ([Int32]) throws -> [Float] in
                     let cache = model.makeCache()
                     dense?.reset()
-                    var logits = try forward(c.prompt, cache)
-                    out.append(Check(name: "\(label) prefill \(c.prompt.count) tokens", error: relativeError(logits, c.prefill_logits), tolerance: 1e-4))
-                    var mismatches = 0
-                    for (step, token) in c.greedy.enumerated() {
-                        if c.margins[step] > 1e-3 && Int32(argmax(logits)) != token { mismatches += 1 }
-                        if step == c.decode_steps {
-                            out.append(Check(name: "\(label) logits after \(c.decode_steps) decode steps", error: relativeError(logits, c.decode_logits), tolerance: 1e-4))
-                        }
-                        if step + 1 < c.greedy.count { logits = try forward([token], cache) }
-                    }
-                    out.append(Check(name: "\(label) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5))
+                    return { try forward($0, cache) }
                 }
                 let s = executor.stats, m = device.memory
                 let usedDevice = s.residentTokenExperts > 0 && s.fallbacks == 0 && (policy != .gpuSwap || s.copiedExperts > 0)
@@ -304,6 +284,28 @@ public enum GPUSelfTest {
             let logits = try model.forward(prompt, cache: cpu.makeCache(), allLogits: false)
             out.append(Check(name: "model mixtral-tiny-b 200-token prompt in chunks of 128, \(useGemm ? "cuBLAS" : "GEMV") matmuls vs CPU",
                              error: relativeError(logits, reference), tolerance: useGemm ? 2e-2 : 1e-4))
+        }
+        return out
+    }
+
+    /// One model against HF's golden cases: prefill logits, logits after the recorded decode
+    /// steps (relative L2 < 1e-4) with HF's tokens fed back, and HF's greedy token wherever its
+    /// top-2 margin exceeds 1e-3. `sequence()` starts a sequence and returns its forward step.
+    static func goldenChecks(_ golden: HFGolden, label: String, sequence: () throws -> ([Int32]) throws -> [Float]) throws -> [Check] {
+        var out: [Check] = []
+        for c in golden.cases {
+            let forward = try sequence()
+            var logits = try forward(c.prompt)
+            out.append(Check(name: "\(label) prefill \(c.prompt.count) tokens", error: relativeError(logits, c.prefill_logits), tolerance: 1e-4))
+            var mismatches = 0
+            for (step, token) in c.greedy.enumerated() {
+                if c.margins[step] > 1e-3 && Int32(argmax(logits)) != token { mismatches += 1 }
+                if step == c.decode_steps {
+                    out.append(Check(name: "\(label) logits after \(c.decode_steps) decode steps", error: relativeError(logits, c.decode_logits), tolerance: 1e-4))
+                }
+                if step + 1 < c.greedy.count { logits = try forward([token]) }
+            }
+            out.append(Check(name: "\(label) greedy tokens (\(c.greedy.count), margin > 1e-3)", error: Double(mismatches), tolerance: 0.5))
         }
         return out
     }
