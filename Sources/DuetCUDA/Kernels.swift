@@ -77,11 +77,14 @@ enum KernelSource {
         int first = window > 0 ? max(0, p - window + 1) : 0, n = p - first + 1;
         const float* qv = q + ((long)t * H + h) * d;
         float scale = rsqrtf((float)d);
-        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        // One warp per key: the lanes read the key row together (coalesced), then sum.
+        int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+        for (int j = threadIdx.x >> 5; j < n; j += warps) {
             const float* k = keys + ((long)(first + j) * Hkv + kvh) * d;
             float s = 0.f;
-            for (int i = 0; i < d; i++) s += qv[i] * k[i];
-            scores[j] = s * scale;
+            for (int i = lane; i < d; i += 32) s += qv[i] * k[i];
+            s = warp_sum(s);
+            if (lane == 0) scores[j] = s * scale;
         }
         __syncthreads();
         float m = __int_as_float(0xff800000);
