@@ -89,8 +89,8 @@ public final class OffloadExecutor: ExpertExecutor {
     public private(set) var warnings: [String] = []
 
     private var slotOf: [ExpertKey: Int] = [:]
-    /// Slots whose contents change during a run: fiddler's two streaming buffers, or every
-    /// slot of gpu-swap's cache (LRU order: least recently used first).
+    /// fiddler: the two streaming buffers, used in turn; gpu-swap: every cache slot (only for
+    /// calibration, which borrows the first).
     private var streaming: [Int] = []
     /// gpu-swap: each layer's cache slots, least recently used first (mixtral-offloading keeps
     /// one LRU cache per layer; one cache across layers would evict every expert before the
@@ -151,7 +151,10 @@ public final class OffloadExecutor: ExpertExecutor {
 
     public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float] {
         let D = model.config.hiddenSize, E = assignments.count
-        let plan = makePlan(layer: l, assignments: assignments)
+        // Residency as it stands before this step's copies change the gpu-swap caches: the
+        // plan and the bound both see it.
+        let loads = loads(layer: l, assignments)
+        let plan = makePlan(layer: l, loads: loads)
         var outputs = [[Float]?](repeating: nil, count: E)
 
         // Device first: it works while the CPU computes the rest.
@@ -197,33 +200,38 @@ public final class OffloadExecutor: ExpertExecutor {
             }
             stats.deviceWaitSeconds += secondsSince(waitStart)
         }
+        let cpuTokenExperts = cpuExperts.reduce(0) { $0 + assignments[$1].count }
         stats.cpuSeconds += cpuSeconds
-        stats.cpuTokenExperts += cpuExperts.reduce(0) { $0 + assignments[$1].count }
+        stats.cpuTokenExperts += cpuTokenExperts
         stats.layerSteps += 1
         if submitted || jobs.isEmpty { refreshCPU(measured: cpuSeconds, predicted: plan.cpuSeconds) }
         stats.plannedSeconds += plan.makespan
-        if let reference { stats.boundSeconds += ExpertPlanner.plan(loads(layer: l, assignments), model: reference).makespan }
-        model.expertUsage.addCPU(tokenExperts: cpuExperts.reduce(0) { $0 + assignments[$1].count }, seconds: cpuSeconds)
+        if let reference { stats.boundSeconds += ExpertPlanner.plan(loads, model: reference).makespan }
+        model.expertUsage.addCPU(tokenExperts: cpuTokenExperts, seconds: cpuSeconds)
         return combineExperts(outputs, assignments, tokens: T, dim: D)
     }
 
     /// The policy's decision for one layer's routed experts.
-    func makePlan(layer l: Int, assignments: [[ExpertAssignment]]) -> ExpertPlanner.Plan {
-        let loads = loads(layer: l, assignments)
+    func makePlan(layer l: Int, loads: [ExpertPlanner.Load]) -> ExpertPlanner.Plan {
         switch policy {
         case .fiddler where !streaming.isEmpty:
             return ExpertPlanner.plan(loads, model: latency)
         case .gpuSwap where !swapSlots[l].isEmpty:
             // More routed experts than slots: slots are reused within the step, in order
             // (the device copies into a slot only after the job before it there is done).
-            var plan = ExpertPlanner.Plan()
-            for load in loads { if load.resident { plan.resident.append(load.expert) } else { plan.copied.append(load.expert) } }
-            return plan
+            return fixedPlan(loads, nonResident: \.copied)
         default:  // layer-split, or no streaming slots: the CPU takes every non-resident expert
-            var plan = ExpertPlanner.Plan()
-            for load in loads { if load.resident { plan.resident.append(load.expert) } else { plan.cpu.append(load.expert) } }
-            return plan
+            return fixedPlan(loads, nonResident: \.cpu)
         }
+    }
+
+    /// Resident experts on the device, every other one where `nonResident` says.
+    private func fixedPlan(_ loads: [ExpertPlanner.Load], nonResident: WritableKeyPath<ExpertPlanner.Plan, [Int]>) -> ExpertPlanner.Plan {
+        var plan = ExpertPlanner.Plan()
+        for load in loads {
+            if load.resident { plan.resident.append(load.expert) } else { plan[keyPath: nonResident].append(load.expert) }
+        }
+        return plan
     }
 
     /// The layer's routed experts, with their token counts and whether they are resident now.

@@ -120,6 +120,17 @@ struct ExpertPlacementTests {
         #expect(executor.placement.resident.count == 3)
     }
 
+    /// The bound prices experts as they were before the step: gpu-swap's copies count as
+    /// non-resident work (here 1 ms each on the CPU at best), not as cache hits.
+    @Test func theBoundSeesResidencyBeforeTheStepsCopies() throws {
+        let (model, executor, _) = try offloaded(.gpuSwap, resident: 3)
+        executor.use(.init(cpu: .init(fixed: 1e-3, perToken: 0), gpu: .init(fixed: 1e-5, perToken: 0), transfer: 1))
+        _ = try logits(model)
+        let s = executor.stats
+        #expect(s.copiedExperts > 0)
+        #expect(s.boundSeconds >= 1e-3 * Double(s.copiedExperts), "\(s)")
+    }
+
     @Test func layerSplitKeepsWholeLayers() throws {
         let (_, executor, _) = try offloaded(.layerSplit, resident: 4)
         #expect(executor.placement.resident(layer: 0) == [0, 1, 2, 3])
