@@ -227,15 +227,14 @@ public enum GPUSelfTest {
               for denseOnGPU in [false, true] {
                 let model = try MixtralModel(directory: joinPath(goldens, name), kernels: .reference())
                 let c = model.config, L = c.numHiddenLayers, E = c.numLocalExperts
-                let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+                let shape = ExpertShape(model)
                 let maxRows = 16 * c.numExpertsPerToken
                 let resident = L * E / 2
-                var budget = CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: maxRows)
+                let budget = CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: maxRows)
                     + (resident + OffloadExecutor.streamingSlots(policy)) * shape.bytes
                 // With the dense layers on the GPU they come first in the same budget.
                 let gpu = try GPU(memoryLimit: budget + (denseOnGPU ? 64 << 20 : 0))
                 let dense = denseOnGPU ? try GPUMixtral(model, gpu: gpu, maxPositions: 64, experts: false) : nil
-                budget = gpu.budget.limit
                 let device = try CUDAExpertDevice(gpu: GPU(sharing: gpu))
                 let order: ExpertPlacement.Order = policy == .layerSplit ? .wholeLayers : .layerBalanced
                 let executor = try OffloadExecutor(model: model, device: device, policy: policy,

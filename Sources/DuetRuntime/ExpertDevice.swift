@@ -16,6 +16,10 @@ public struct ExpertShape: Sendable, Equatable {
         self.ffn = ffn
         self.dtype = dtype
     }
+    /// A Mixtral model's experts as stored.
+    public init(_ model: MixtralModel) {
+        self.init(hidden: model.config.hiddenSize, ffn: model.config.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+    }
     /// w1, w3 `[F, D]` and w2 `[D, F]`.
     public var bytes: Int { 3 * hidden * ffn * dtype.size }
 }

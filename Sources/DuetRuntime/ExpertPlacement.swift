@@ -74,13 +74,10 @@ public struct ExpertProfile: Codable, Sendable, Equatable {
 
 public enum PlacementError: Error, Equatable, CustomStringConvertible {
     case badProfile(path: String, reason: String)
-    case budgetTooSmall(needed: Int, limit: Int, what: String)
 
     public var description: String {
         switch self {
         case .badProfile(let path, let reason): "expert profile \(path): \(reason)"
-        case .budgetTooSmall(let needed, let limit, let what):
-            "the device budget (\(limit >> 20) MiB) does not hold \(what) (\(needed >> 20) MiB)"
         }
     }
 }

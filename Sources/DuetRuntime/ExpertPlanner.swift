@@ -140,7 +140,8 @@ public enum ExpertPlanner {
             if a.makespan != b.makespan { return a.makespan < b.makespan }
             return a.copied.count < b.copied.count
         }
-        var best = evaluate([Bool](repeating: false, count: movable.count))
+        let allCPU = evaluate([Bool](repeating: false, count: movable.count))
+        var best = allCPU
         if movable.count <= exhaustiveLimit {
             for mask in 1..<(1 << movable.count) {
                 let candidate = evaluate((0..<movable.count).map { mask & (1 << $0) != 0 })
@@ -160,7 +161,6 @@ public enum ExpertPlanner {
                 if better(candidate, than: best) { best = candidate }
             }
         }
-        let allCPU = evaluate([Bool](repeating: false, count: movable.count))
         if !best.copied.isEmpty && best.makespan > (1 - copyMargin) * allCPU.makespan { best = allCPU }
         best.resident.sort()
         return best

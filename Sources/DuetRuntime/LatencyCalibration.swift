@@ -7,8 +7,8 @@ import Foundation
 import Glibc
 #endif
 import DuetCore
+import DuetCPU
 import DuetFormats
-
 
 /// The planner's latency model as measured on one machine (`duet calibrate`, or a few
 /// seconds at start-up): per token count, the CPU and device time of one expert FFN, and
@@ -104,8 +104,7 @@ extension OffloadExecutor {
         let rotation = (0..<max(4, repeats)).map { i in ExpertKey(layer: i % L, expert: (i / L + i) % E) }
         var points: [LatencyCalibration.Point] = []
         for T in tokenCounts {
-            var rng = SplitMix(seed: UInt64(T))
-            let x = (0..<(T * D)).map { _ in rng.nextFloat() }
+            let x = KernelSelfTest.random(T * D, seed: UInt64(T))
             _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: T)  // warm-up (buffers, pool)
             var cpu = 0.0
             for key in rotation {
@@ -134,36 +133,24 @@ extension OffloadExecutor {
             try device.submit([DeviceJob(slot: slot, copy: expert, tokens: 1)], input: [Float](repeating: 0, count: D))
             transfer = min(transfer, try device.collect().copySeconds)
         }
-        // The CPU's one-token expert again while the device copies (the same weights into
-        // the same slot, which changes nothing): the DRAM both share slows the CPU down.
-        var contended = Double.infinity
+        // The CPU's one-token probe expert alone and while the device copies (the same weights
+        // into the same slot, which changes nothing), measured the same way (best of
+        // `repeats`, same expert): the DRAM both share slows the CPU down by their ratio.
+        var contended = Double.infinity, alone = Double.infinity
         let x = [Float](repeating: 0.5, count: D)
         for _ in 0..<repeats {
+            var start = ContinuousClock.now
+            _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: 1)
+            alone = min(alone, secondsSince(start))
             try device.submit([DeviceJob(slot: slot, copy: expert, tokens: 1)], input: x)
-            let start = ContinuousClock.now
+            start = ContinuousClock.now
             _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: 1)
             contended = min(contended, secondsSince(start))
             _ = try device.collect()
         }
-        let alone = points.first?.cpuSeconds ?? contended
         let calibration = LatencyCalibration(fingerprint: fingerprint, points: points, transferSeconds: transfer,
                                              cpuSlowdownWhileCopying: max(1, contended / alone))
         use(calibration.model)
         return calibration
     }
-}
-
-/// A tiny deterministic generator for calibration inputs.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    mutating func nextFloat() -> Float { Float(next() >> 40) * (1.0 / Float(1 << 23)) - 1 }
 }

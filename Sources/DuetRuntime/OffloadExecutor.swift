@@ -107,8 +107,7 @@ public final class OffloadExecutor: ExpertExecutor {
     /// step sends to the device (tokens x experts per token).
     public init(model: MixtralModel, device: any ExpertDevice, policy: OffloadPolicy, placement: ExpertPlacement,
                 latency: ExpertPlanner.LatencyModel, maxRows: Int) throws(DeviceError) {
-        let first = model.layers[0].experts[0]
-        shape = ExpertShape(hidden: model.config.hiddenSize, ffn: model.config.intermediateSize, dtype: first.gate.dtype)
+        shape = ExpertShape(model)
         self.model = model
         self.device = device
         self.policy = policy

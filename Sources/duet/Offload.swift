@@ -43,7 +43,7 @@ extension EngineOptions {
         case .cpu:
             // Default budget: half the experts, so the strategies have something to decide.
             let c = model.config
-            let experts = c.numHiddenLayers * c.numLocalExperts * model.layers[0].experts[0].gate.byteCount * 3
+            let experts = c.numHiddenLayers * c.numLocalExperts * ExpertShape(model).bytes
             let pool = ThreadPool(threads: max(1, kernels.pool.threadCount / 2))
             guard let deviceKernels = try? CPUKernels(kernels.path, pool: pool) else { return nil }
             return CPUExpertDevice(kernels: deviceKernels, memoryLimit: limit ?? experts / 2)
@@ -67,7 +67,7 @@ extension EngineOptions {
         guard model.expertFormat == nil else {
             throw CLIError("--strategy \(policy.rawValue) runs stored-dtype experts; quantized experts on the GPU are not built yet (issue 11)")
         }
-        let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+        let shape = ExpertShape(model)
         let maxRows = stepTokens * c.numExpertsPerToken  // grows on demand (within the budget) for longer steps
         let reserved = device.memory.total + extra + device.workspaceBytes(shape: shape, maxRows: maxRows)
             + OffloadExecutor.streamingSlots(policy) * shape.bytes

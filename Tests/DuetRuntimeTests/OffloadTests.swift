@@ -81,7 +81,7 @@ struct ExpertPlacementTests {
                            kernels: CPUKernels = .reference()) throws -> (MixtralModel, OffloadExecutor, CPUExpertDevice) {
         let model = try MixtralModel(directory: fixture(Self.name), kernels: kernels)
         let c = model.config
-        let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+        let shape = ExpertShape(model)
         let maxRows = 64 * c.numExpertsPerToken
         let budget = CPUExpertDevice(kernels: kernels, memoryLimit: 0).workspaceBytes(shape: shape, maxRows: maxRows) + (resident + OffloadExecutor.streamingSlots(policy)) * shape.bytes
         let limited = CPUExpertDevice(kernels: try CPUKernels(kernels.path, pool: ThreadPool(threads: 1)), memoryLimit: budget)
@@ -140,7 +140,7 @@ struct ExpertPlacementTests {
     @Test func aSmallerDeviceKeepsTheFirstExpertsAndSaysSo() throws {
         let model = try plainModel()
         let c = model.config
-        let shape = ExpertShape(hidden: c.hiddenSize, ffn: c.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+        let shape = ExpertShape(model)
         let device = CPUExpertDevice(kernels: .reference(), memoryLimit: 0)
         let budget = device.workspaceBytes(shape: shape, maxRows: 8) + 4 * shape.bytes  // 2 resident + 2 streaming
         let limited = CPUExpertDevice(kernels: .reference(), memoryLimit: budget)
