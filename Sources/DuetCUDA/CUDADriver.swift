@@ -23,6 +23,24 @@ public enum CUDAError: Error, Equatable, CustomStringConvertible {
 
 typealias CUdeviceptr = UInt64
 
+/// A shared library opened with dlopen (the first of `names` that loads) and its symbols;
+/// a missing library or symbol is a `.unavailable` error naming it.
+struct SharedLibrary {
+    let handle: UnsafeMutableRawPointer
+    let label: String
+
+    init(_ names: [String], label: String, notFound: String) throws(CUDAError) {
+        guard let h = names.lazy.compactMap({ dlopen($0, RTLD_NOW) }).first else { throw .unavailable(notFound) }
+        handle = h
+        self.label = label
+    }
+
+    func symbol<T>(_ name: String, _: T.Type) throws(CUDAError) -> T {
+        guard let p = dlsym(handle, name) else { throw .unavailable("\(label) has no \(name)") }
+        return unsafeBitCast(p, to: T.self)
+    }
+}
+
 /// The CUDA driver API, loaded with dlopen at run time: Duet builds and runs without CUDA
 /// and uses it when libcuda.so.1 is there.
 final class CUDADriver: @unchecked Sendable {
@@ -61,14 +79,10 @@ final class CUDADriver: @unchecked Sendable {
     let cuMemHostUnregister: @convention(c) (UnsafeMutableRawPointer?) -> Int32
 
     init() throws(CUDAError) {
-        guard let h = dlopen("libcuda.so.1", RTLD_NOW) ?? dlopen("libcuda.so", RTLD_NOW) else {
-            throw .unavailable("libcuda.so.1 not found (no NVIDIA driver on this machine)")
-        }
-        handle = h
-        func sym<T>(_ name: String, _: T.Type) throws(CUDAError) -> T {
-            guard let p = dlsym(h, name) else { throw .unavailable("libcuda has no \(name)") }
-            return unsafeBitCast(p, to: T.self)
-        }
+        let library = try SharedLibrary(["libcuda.so.1", "libcuda.so"], label: "libcuda",
+                                        notFound: "libcuda.so.1 not found (no NVIDIA driver on this machine)")
+        handle = library.handle
+        func sym<T>(_ name: String, _ type: T.Type) throws(CUDAError) -> T { try library.symbol(name, type) }
         cuInit = try sym("cuInit", type(of: cuInit))
         cuDriverGetVersion = try sym("cuDriverGetVersion", type(of: cuDriverGetVersion))
         cuDeviceGet = try sym("cuDeviceGet", type(of: cuDeviceGet))
@@ -123,13 +137,8 @@ final class NVRTC: @unchecked Sendable {
 
     init() throws(CUDAError) {
         let names = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
-        guard let h = names.lazy.compactMap({ dlopen($0, RTLD_NOW) }).first else {
-            throw .unavailable("libnvrtc not found (tried \(names.joined(separator: ", ")))")
-        }
-        func sym<T>(_ name: String, _: T.Type) throws(CUDAError) -> T {
-            guard let p = dlsym(h, name) else { throw .unavailable("libnvrtc has no \(name)") }
-            return unsafeBitCast(p, to: T.self)
-        }
+        let library = try SharedLibrary(names, label: "libnvrtc", notFound: "libnvrtc not found (tried \(names.joined(separator: ", ")))")
+        func sym<T>(_ name: String, _ type: T.Type) throws(CUDAError) -> T { try library.symbol(name, type) }
         create = try sym("nvrtcCreateProgram", type(of: create))
         compile = try sym("nvrtcCompileProgram", type(of: compile))
         cubinSize = try sym("nvrtcGetCUBINSize", type(of: cubinSize))
@@ -178,13 +187,8 @@ final class CUBLAS: @unchecked Sendable {
 
     init() throws(CUDAError) {
         let names = ["libcublas.so.13", "libcublas.so.12", "libcublas.so"]
-        guard let h = names.lazy.compactMap({ dlopen($0, RTLD_NOW) }).first else {
-            throw .unavailable("libcublas not found (tried \(names.joined(separator: ", ")))")
-        }
-        func sym<T>(_ name: String, _: T.Type) throws(CUDAError) -> T {
-            guard let p = dlsym(h, name) else { throw .unavailable("libcublas has no \(name)") }
-            return unsafeBitCast(p, to: T.self)
-        }
+        let library = try SharedLibrary(names, label: "libcublas", notFound: "libcublas not found (tried \(names.joined(separator: ", ")))")
+        func sym<T>(_ name: String, _ type: T.Type) throws(CUDAError) -> T { try library.symbol(name, type) }
         create = try sym("cublasCreate_v2", type(of: create))
         setStream = try sym("cublasSetStream_v2", type(of: setStream))
         gemmEx = try sym("cublasGemmEx", type(of: gemmEx))

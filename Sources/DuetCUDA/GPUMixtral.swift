@@ -177,11 +177,7 @@ public final class GPUMixtral {
         let hidden = try gpu.download(h, count: T * D)
         let logits = try gpu.download(routerLogits, count: T * E)
         let choices = DuetCPU.routeTopK(logits, tokens: T, experts: E, k: c.numExpertsPerToken)
-        var assigned = [[ExpertAssignment]](repeating: [], count: E)
-        for (t, choice) in choices.enumerated() {
-            for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append(ExpertAssignment(token: t, weight: w)) }
-        }
-        let y = executor.runExperts(layer: l, hidden: hidden, assignments: assigned, tokens: T)
+        let y = executor.runExperts(layer: l, hidden: hidden, assignments: expertAssignments(choices, experts: E), tokens: T)
         try gpu.copy(y, into: out)
     }
 

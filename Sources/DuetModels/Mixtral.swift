@@ -368,10 +368,7 @@ public final class MixtralModel: LanguageModel {
         let choices = routeTopK(routerLogits, tokens: T, experts: E, k: c.numExpertsPerToken)
         routingObserver?(layerIndex, choices)
 
-        var assigned = [[ExpertAssignment]](repeating: [], count: E)  // (E) tokens routed to e
-        for (t, choice) in choices.enumerated() {
-            for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append(ExpertAssignment(token: t, weight: w)) }
-        }
+        let assigned = expertAssignments(choices, experts: E)  // (E) tokens routed to e
         if let executor = expertExecutor {
             return executor.runExperts(layer: layerIndex, hidden: h, assignments: assigned, tokens: T)
         }
@@ -464,6 +461,15 @@ public protocol ExpertExecutor: AnyObject {
     /// ascending expert order (`combineExperts`), so the result does not depend on where
     /// each expert ran. `assignments[e]`: the tokens routed to expert e.
     func runExperts(layer: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float]
+}
+
+/// Per expert, the tokens the router sent to it with their weights, in token order. `(E)`
+public func expertAssignments(_ choices: [ExpertChoice], experts E: Int) -> [[ExpertAssignment]] {
+    var assigned = [[ExpertAssignment]](repeating: [], count: E)
+    for (t, choice) in choices.enumerated() {
+        for (e, w) in zip(choice.experts, choice.weights) { assigned[e].append(ExpertAssignment(token: t, weight: w)) }
+    }
+    return assigned
 }
 
 /// The rows of `h` `[T, D]` routed to one expert, packed. `[Te, D]`
