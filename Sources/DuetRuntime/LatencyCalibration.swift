@@ -9,6 +9,7 @@ import Glibc
 import DuetCore
 import DuetCPU
 import DuetFormats
+import DuetModels
 
 /// The planner's latency model as measured on one machine (`duet calibrate`, or a few
 /// seconds at start-up): per token count, the CPU and device time of one expert FFN, and
@@ -76,6 +77,35 @@ public struct LatencyCalibration: Codable, Sendable, Equatable {
     }
 }
 
+extension LatencyCalibration {
+    /// The CPU's time for one expert FFN at each token count: the mean over `experts`
+    /// distinct experts (as in a real step: weights straight from DRAM, no warm TLB or cache),
+    /// after one warm-up call (buffers, pool).
+    public static func cpuExpertSeconds(_ model: MixtralModel, tokenCounts: [Int], experts: Int = 4) -> [Double] {
+        let L = model.config.numHiddenLayers, E = model.config.numLocalExperts, D = model.config.hiddenSize
+        let rotation = (0..<experts).map { i in ExpertKey(layer: i % L, expert: (i / L + i) % E) }
+        return tokenCounts.map { T in
+            let x = KernelSelfTest.random(T * D, seed: UInt64(T))
+            _ = model.expertFFN(x, layer: 0, expert: 0, tokens: T)
+            var mean = 0.0
+            for key in rotation {
+                let start = ContinuousClock.now
+                _ = model.expertFFN(x, layer: key.layer, expert: key.expert, tokens: T)
+                mean += secondsSince(start) / Double(rotation.count)
+            }
+            return mean
+        }
+    }
+}
+
+extension OffloadExecutor {
+    /// This executor's machine, threads, kernel path, device and expert shape (the key of its calibration file).
+    public var fingerprint: String {
+        LatencyCalibration.fingerprint(threads: model.kernels.pool.threadCount, device: device.name, shape: shape,
+                                       cpuPath: model.kernels.path.rawValue)
+    }
+}
+
 /// The CPU's model name from /proc/cpuinfo ("unknown CPU" elsewhere).
 func cpuModelName() -> String {
     guard let f = fopen("/proc/cpuinfo", "r") else { return "unknown CPU" }
@@ -98,20 +128,11 @@ extension OffloadExecutor {
         let D = shape.hidden
         let probe = ExpertKey(layer: 0, expert: 0)
         let slot = try calibrationSlot(probe)
-        // The CPU runs a different expert each time (as in a real step: weights straight from
-        // DRAM, no warm TLB or cache), averaged; the device's best time over its slot.
-        let L = model.config.numHiddenLayers, E = model.config.numLocalExperts
-        let rotation = (0..<max(4, repeats)).map { i in ExpertKey(layer: i % L, expert: (i / L + i) % E) }
+        // The device's best time over its slot.
+        let cpuTimes = LatencyCalibration.cpuExpertSeconds(model, tokenCounts: tokenCounts, experts: max(4, repeats))
         var points: [LatencyCalibration.Point] = []
-        for T in tokenCounts {
+        for (T, cpu) in zip(tokenCounts, cpuTimes) {
             let x = KernelSelfTest.random(T * D, seed: UInt64(T))
-            _ = model.expertFFN(x, layer: probe.layer, expert: probe.expert, tokens: T)  // warm-up (buffers, pool)
-            var cpu = 0.0
-            for key in rotation {
-                let start = ContinuousClock.now
-                _ = model.expertFFN(x, layer: key.layer, expert: key.expert, tokens: T)
-                cpu += secondsSince(start) / Double(rotation.count)
-            }
             var onDevice = Double.infinity
             do {
                 for _ in 0..<repeats {

@@ -133,9 +133,7 @@ struct BenchScenarios: ParsableCommand {
             executor = e
             deviceName = e.device.name
             if let calibration { e.use(calibration.model) } else {
-                let fingerprint = LatencyCalibration.fingerprint(threads: model.kernels.pool.threadCount, device: e.device.name,
-                                                                 shape: e.shape, cpuPath: model.kernels.path.rawValue)
-                calibration = try e.calibrate(tokenCounts: calibrationTokens, repeats: 3, fingerprint: fingerprint)
+                calibration = try e.calibrate(tokenCounts: calibrationTokens, repeats: 3, fingerprint: e.fingerprint)
                 _ = try? calibration!.save(directory: duetCacheDirectory("calibration"))  // later set-ups load it
                 Console.err("calibrated: CPU \(calibration!.model.cpu); device \(calibration!.model.gpu); copy \(ms(calibration!.transferSeconds)); "
                     + "CPU x\(fixed(calibration!.cpuSlowdownWhileCopying, 2)) during copies\n")
@@ -163,19 +161,10 @@ struct BenchScenarios: ParsableCommand {
         }
     }
 
-    /// The CPU's expert time at the calibration token counts (best of 2), when no device calibrated.
+    /// The CPU's expert time at the calibration token counts, measured as a calibration
+    /// does, when no device calibrated.
     func cpuCost(_ model: MixtralModel) -> ExpertPlanner.Cost {
-        let D = model.config.hiddenSize
-        return ExpertPlanner.Cost(measured: calibrationTokens.map { T in
-            let x = [Float](repeating: 0.25, count: T * D)
-            var best = Double.infinity
-            for _ in 0..<2 {
-                let t0 = ContinuousClock.now
-                _ = model.expertFFN(x, layer: 0, expert: 0, tokens: T)
-                best = min(best, secondsSince(t0))
-            }
-            return (T, best)
-        })
+        ExpertPlanner.Cost(measured: Array(zip(calibrationTokens, LatencyCalibration.cpuExpertSeconds(model, tokenCounts: calibrationTokens))))
     }
 
     func measure(_ s: Scenario, strategy: Strategy, layout: DensePlacement, model: any LanguageModel, executor: OffloadExecutor?,

@@ -80,7 +80,7 @@ extension EngineOptions {
         let pinStart = ContinuousClock.now
         let pinned = executor.pinStreamedExperts()
         let pinSeconds = secondsSince(pinStart)
-        let source = calibrate(executor, kernels: model.kernels)
+        let source = calibrate(executor)
         return OffloadSetup(executor: executor, pinnedBytes: pinned, pinSeconds: pinSeconds, latencySource: source)
     }
 
@@ -101,9 +101,8 @@ extension EngineOptions {
     }
 
     /// Loads the calibration for this machine, else measures one (a few seconds); returns where it came from.
-    func calibrate(_ executor: OffloadExecutor, kernels: CPUKernels) -> String {
-        let fingerprint = LatencyCalibration.fingerprint(threads: kernels.pool.threadCount, device: executor.device.name,
-                                                         shape: executor.shape, cpuPath: kernels.path.rawValue)
+    func calibrate(_ executor: OffloadExecutor) -> String {
+        let fingerprint = executor.fingerprint
         let directory = duetCacheDirectory("calibration")
         if let stored = LatencyCalibration.load(directory: directory, fingerprint: fingerprint) {
             executor.use(stored.model)

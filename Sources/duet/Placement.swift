@@ -174,17 +174,13 @@ struct Calibrate: ParsableCommand {
         guard let model = loaded as? MixtralModel, let executor = model.expertExecutor as? OffloadExecutor else {
             throw CLIError("duet calibrate needs an offload strategy with a device (a GPU, or --offload-device cpu)")
         }
-        let fingerprint = LatencyCalibration.fingerprint(threads: model.kernels.pool.threadCount, device: executor.device.name,
-                                                         shape: executor.shape, cpuPath: model.kernels.path.rawValue)
-        let calibration = try executor.calibrate(tokenCounts: tokens, repeats: 3, fingerprint: fingerprint)
+        let calibration = try executor.calibrate(tokenCounts: tokens, repeats: 3, fingerprint: executor.fingerprint)
         Console.out("tokens  CPU ms  device ms\n")
         for p in calibration.points {
             Console.out("\(p.tokens)".padding(6, left: true) + "  " + fixed(p.cpuSeconds * 1000, 3).padding(6, left: true)
                 + "  " + fixed(p.deviceSeconds * 1000, 3).padding(9, left: true) + "\n")
         }
-        let m = calibration.model
-        _ = m
-        Console.out("copy one expert: \(ms(calibration.transferSeconds)); the CPU is x\(fixed(m.cpuSlowdownWhileCopying, 2)) slower while copies run\n")
+        Console.out("copy one expert: \(ms(calibration.transferSeconds)); the CPU is x\(fixed(calibration.cpuSlowdownWhileCopying, 2)) slower while copies run\n")
         Console.out("stored in \(try calibration.save(directory: duetCacheDirectory("calibration")))\n")
     }
 }
