@@ -68,18 +68,23 @@ public final class QuantizedMatrix: @unchecked Sendable {
     /// Quantizes `w` (any stored dtype): per row and group, scale = max|w| / maxLevel rounded
     /// to f16, level = round(w / scale) clamped. Error per weight: at most scale / 2 +
     /// max|w| * 2^-11 (the f16 rounding of the scale).
-    public convenience init(quantizing w: WeightMatrix, format: QuantFormat) {
+    /// `pool`: quantize blocks of 16 rows in parallel (each row owns its bytes and scales).
+    public convenience init(quantizing w: WeightMatrix, format: QuantFormat, pool: ThreadPool? = nil) {
         let (pr, pc) = Self.paddedShape(rows: w.rows, cols: w.cols)
         let bytes = pr / 16 * (pc / 32) * format.blockBytes + pr * (pc / 32) * 2
         let buffer = AlignedBuffer(bytes: bytes)
         self.init(format: format, rows: w.rows, cols: w.cols, data: UnsafeRawPointer(buffer.pointer), owner: buffer)
-        let row = UnsafeMutablePointer<Float>.allocate(capacity: pc)
-        defer { row.deallocate() }
-        row.initialize(repeating: 0, count: pc)
-        for r in 0..<w.rows {
-            w.loadRow(r, into: row)
-            quantizeRow(row, r, into: buffer.pointer)
+        let out = Unchecked(buffer.pointer)
+        let quantizeBlock = { (block: Int) in
+            let row = UnsafeMutablePointer<Float>.allocate(capacity: pc)
+            defer { row.deallocate() }
+            row.initialize(repeating: 0, count: pc)
+            for r in (block * 16)..<min(w.rows, block * 16 + 16) {
+                w.loadRow(r, into: row)
+                self.quantizeRow(row, r, into: out.value)
+            }
         }
+        if let pool { pool.parallelFor(pr / 16, quantizeBlock) } else { for b in 0..<(pr / 16) { quantizeBlock(b) } }
     }
 
     /// Writes row `r`'s levels and scales into the packed buffer at `base`.
@@ -137,13 +142,25 @@ public final class QuantizedMatrix: @unchecked Sendable {
 }
 
 /// A 64-byte aligned heap buffer, zero-filled, freed with its owner.
+/// Zero-filled whole pages, so the buffer can be page-locked for DMA (cuMemHostRegister works
+/// on pages) without sharing a page with other heap data that may be registered or freed
+/// separately. From 4 MiB on (a full-size expert matrix) transparent huge pages, as the
+/// stored weights get, so the kernels' streams do not miss the TLB every 4 KiB.
 final class AlignedBuffer {
     let pointer: UnsafeMutableRawPointer
+    private let pages: HugePageBuffer?
     init(bytes: Int) {
-        pointer = UnsafeMutableRawPointer.allocate(byteCount: max(bytes, 64), alignment: 64)
-        pointer.initializeMemory(as: UInt8.self, repeating: 0, count: max(bytes, 64))
+        if bytes >= 4 << 20 {
+            pages = HugePageBuffer(byteCount: bytes)  // fresh anonymous memory: zero
+            pointer = pages!.base
+            return
+        }
+        pages = nil
+        let rounded = (max(bytes, 1) + 4095) / 4096 * 4096
+        pointer = UnsafeMutableRawPointer.allocate(byteCount: rounded, alignment: 4096)
+        pointer.initializeMemory(as: UInt8.self, repeating: 0, count: rounded)
     }
-    deinit { pointer.deallocate() }
+    deinit { if pages == nil { pointer.deallocate() } }
 }
 
 /// Activations quantized per token and group of 32 for the integer kernels: levels in

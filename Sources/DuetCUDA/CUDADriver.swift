@@ -71,6 +71,7 @@ final class CUDADriver: @unchecked Sendable {
     let cuEventRecord: @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
     let cuEventSynchronize: @convention(c) (OpaquePointer?) -> Int32
     let cuEventElapsedTime: @convention(c) (UnsafeMutablePointer<Float>, OpaquePointer?, OpaquePointer?) -> Int32
+    let cuEventDestroy: @convention(c) (OpaquePointer?) -> Int32
     let cuMemcpyHtoDAsync: @convention(c) (CUdeviceptr, UnsafeRawPointer, Int, OpaquePointer?) -> Int32
     let cuMemcpyDtoHAsync: @convention(c) (UnsafeMutableRawPointer, CUdeviceptr, Int, OpaquePointer?) -> Int32
     let cuMemHostAlloc: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int, UInt32) -> Int32
@@ -107,6 +108,7 @@ final class CUDADriver: @unchecked Sendable {
         cuEventRecord = try sym("cuEventRecord", type(of: cuEventRecord))
         cuEventSynchronize = try sym("cuEventSynchronize", type(of: cuEventSynchronize))
         cuEventElapsedTime = try sym("cuEventElapsedTime", type(of: cuEventElapsedTime))
+        cuEventDestroy = try sym("cuEventDestroy_v2", type(of: cuEventDestroy))
         cuMemcpyHtoDAsync = try sym("cuMemcpyHtoDAsync_v2", type(of: cuMemcpyHtoDAsync))
         cuMemcpyDtoHAsync = try sym("cuMemcpyDtoHAsync_v2", type(of: cuMemcpyDtoHAsync))
         cuMemHostAlloc = try sym("cuMemHostAlloc", type(of: cuMemHostAlloc))

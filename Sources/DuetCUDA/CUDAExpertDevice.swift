@@ -30,6 +30,8 @@ public final class CUDAExpertDevice: ExpertDevice {
     private var hostIn: UnsafeMutableRawPointer?, hostOut: UnsafeMutableRawPointer?
     /// `[chunk, F]` gate and up activations; an expert's tokens run in chunks of this many rows.
     private var gateRows: DeviceBuffer?, upRows: DeviceBuffer?
+    /// Quantized experts: one matrix dequantized to bf16 `[F, D]` for cuBLAS (prefill).
+    private var dequantized: DeviceBuffer?
     static let chunkRows = 256
     private var registered: [UnsafeMutableRawPointer] = []
     private var pending: (rows: Int, copied: Bool)?
@@ -64,9 +66,13 @@ public final class CUDAExpertDevice: ExpertDevice {
 
     public func workspaceBytes(shape: ExpertShape, maxRows: Int) -> Int { Self.workspaceBytes(shape: shape, maxRows: maxRows) }
 
-    /// Staging for `maxRows` rows in and out, and one chunk's gate and up activations.
+    /// Staging for `maxRows` rows in and out, one chunk's gate and up activations, the chunk's
+    /// activations rounded to bf16 for cuBLAS (a recycled workspace buffer, a power of two),
+    /// and for quantized experts one matrix dequantized to bf16 (what cuBLAS multiplies).
     public static func workspaceBytes(shape: ExpertShape, maxRows: Int) -> Int {
-        2 * maxRows * shape.hidden * 4 + 2 * min(maxRows, Self.chunkRows) * shape.ffn * 4
+        let chunk = min(maxRows, Self.chunkRows), activations = max(256, chunk * max(shape.hidden, shape.ffn) * 2)
+        return 2 * maxRows * shape.hidden * 4 + 2 * chunk * shape.ffn * 4 + (1 << (Int.bitWidth - (activations - 1).leadingZeroBitCount))
+            + (shape.format != nil ? shape.hidden * shape.ffn * 2 : 0)
     }
 
     private func mapped<T>(_ body: () throws(CUDAError) -> T) throws(DeviceError) -> T {
@@ -77,10 +83,11 @@ public final class CUDAExpertDevice: ExpertDevice {
     }
 
     public func prepare(shape: ExpertShape, slots count: Int, maxRows: Int) throws(DeviceError) -> Int {
-        guard shape.dtype == .bf16 || shape.dtype == .f32 else { throw .failed("\(shape.dtype.rawValue) experts are not supported on the GPU") }
+        guard shape.format != nil || shape.dtype == .bf16 || shape.dtype == .f32 else { throw .failed("\(shape.dtype.rawValue) experts are not supported on the GPU") }
         self.shape = shape
         try mapped { () throws(CUDAError) in
             try ensureRows(maxRows)
+            if shape.format != nil { dequantized = try gpu.allocate(shape.hidden * shape.ffn * 2, category: Self.workspace) }
             for _ in 0..<count {
                 guard let slot = try? gpu.allocate(shape.bytes, category: Self.category) else { break }
                 slots.append(slot)
@@ -116,9 +123,9 @@ public final class CUDAExpertDevice: ExpertDevice {
     public func fill(slot: Int, with expert: MixtralExpert) throws(DeviceError) {
         try mapped { () throws(CUDAError) in
             var offset = 0
-            for w in [expert.gate, expert.up, expert.down] {
-                try gpu.driver.check(gpu.driver.cuMemcpyHtoD(slots[slot].pointer + CUdeviceptr(offset), w.view.base, w.byteCount), "cuMemcpyHtoD")
-                offset += w.byteCount
+            for part in expert.parts(shape) {
+                try gpu.driver.check(gpu.driver.cuMemcpyHtoD(slots[slot].pointer + CUdeviceptr(offset), part.baseAddress!, part.count), "cuMemcpyHtoD")
+                offset += part.count
             }
         }
     }
@@ -129,9 +136,9 @@ public final class CUDAExpertDevice: ExpertDevice {
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
         var ranges: [(Int, Int)] = []
         for e in experts {
-            for w in [e.gate, e.up, e.down] {
-                let start = Int(bitPattern: w.view.base)
-                ranges.append((start / page * page, (start + w.byteCount + page - 1) / page * page))
+            for part in e.parts(shape) {
+                let start = Int(bitPattern: part.baseAddress)
+                ranges.append((start / page * page, (start + part.count + page - 1) / page * page))
             }
         }
         ranges.sort { $0.0 < $1.0 }
@@ -187,9 +194,9 @@ public final class CUDAExpertDevice: ExpertDevice {
         let d = gpu.driver
         try d.check(d.cuStreamWaitEvent(copies, slotFree[slot], 0), "cuStreamWaitEvent")
         var offset = 0
-        for w in [expert.gate, expert.up, expert.down] {
-            try d.check(d.cuMemcpyHtoDAsync(slots[slot].pointer + CUdeviceptr(offset), w.view.base, w.byteCount, copies), "cuMemcpyHtoDAsync")
-            offset += w.byteCount
+        for part in expert.parts(shape) {
+            try d.check(d.cuMemcpyHtoDAsync(slots[slot].pointer + CUdeviceptr(offset), part.baseAddress!, part.count, copies), "cuMemcpyHtoDAsync")
+            offset += part.count
         }
         try d.check(d.cuEventRecord(copyDone[slot], copies), "cuEventRecord")
         try d.check(d.cuStreamWaitEvent(compute, copyDone[slot], 0), "cuStreamWaitEvent")
@@ -198,9 +205,9 @@ public final class CUDAExpertDevice: ExpertDevice {
     /// `y = w2(silu(w1 x) * w3 x)` for the input rows `rows`, in chunks of `chunkRows`.
     private func runExpert(slot: Int, rows: Range<Int>, input: DeviceBuffer, output: DeviceBuffer) throws(CUDAError) {
         guard let gateRows, let upRows else { throw .unavailable("offload workspace missing") }
-        let D = shape.hidden, F = shape.ffn, part = D * F * shape.dtype.size
-        let w1 = slots[slot].view(offset: 0, bytes: part), w3 = slots[slot].view(offset: part, bytes: part)
-        let w2 = slots[slot].view(offset: 2 * part, bytes: part)
+        let D = shape.hidden, F = shape.ffn, parts = shape.partBytes
+        let w1 = slots[slot].view(offset: 0, bytes: parts[0]), w3 = slots[slot].view(offset: parts[0], bytes: parts[1])
+        let w2 = slots[slot].view(offset: parts[0] + parts[1], bytes: parts[2])
         for start in stride(from: rows.lowerBound, to: rows.upperBound, by: Self.chunkRows) {
             let n = min(Self.chunkRows, rows.upperBound - start)
             let x = input.view(offset: start * D * 4, bytes: n * D * 4), y = output.view(offset: start * D * 4, bytes: n * D * 4)
@@ -212,7 +219,8 @@ public final class CUDAExpertDevice: ExpertDevice {
     }
 
     private func matmul(_ x: DeviceBuffer, _ w: DeviceBuffer, _ y: DeviceBuffer, rows: Int, cols: Int, tokens: Int) throws(CUDAError) {
-        if shape.dtype == .bf16 { try ops.matmulBF16(x, w, y, rows: rows, cols: cols, tokens: tokens) }
+        if let format = shape.format { try ops.matmulQuantized(x, w, format: format, y, rows: rows, cols: cols, tokens: tokens, scratch: dequantized) }
+        else if shape.dtype == .bf16 { try ops.matmulBF16(x, w, y, rows: rows, cols: cols, tokens: tokens) }
         else { try ops.matmulF32(x, w, y, rows: rows, cols: cols, tokens: tokens) }
     }
 

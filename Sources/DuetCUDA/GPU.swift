@@ -167,7 +167,55 @@ public final class GPU: @unchecked Sendable {
         budget = other.budget
     }
 
-    deinit { releaseWorkspaceCache() }
+    deinit {
+        releaseWorkspaceCache()
+        for p in [stagingDown, stagingUp] { if let p = p?.pointer { _ = driver.cuMemFreeHost(p) } }
+    }
+
+    /// Page-locked host buffers for the per-layer copies of the offload path (grown on
+    /// demand): copies from them run at full PCIe speed and asynchronously.
+    private var stagingDown: (pointer: UnsafeMutableRawPointer, bytes: Int)?, stagingUp: (pointer: UnsafeMutableRawPointer, bytes: Int)?
+    private var uploadDone: OpaquePointer?
+
+    private func staging(_ current: inout (pointer: UnsafeMutableRawPointer, bytes: Int)?, _ bytes: Int) throws(CUDAError) -> UnsafeMutableRawPointer {
+        if let c = current, c.bytes >= bytes { return c.pointer }
+        if let c = current { _ = driver.cuMemFreeHost(c.pointer); current = nil }
+        var p: UnsafeMutableRawPointer? = nil
+        try driver.check(driver.cuMemHostAlloc(&p, max(bytes, 4096), 0), "cuMemHostAlloc")
+        current = (p!, max(bytes, 4096))
+        return p!
+    }
+
+    /// Several buffers' first `count` floats back to the host in one wait: asynchronous copies
+    /// into page-locked memory on this GPU's stream, then one stream synchronisation.
+    public func download(_ parts: [(buffer: DeviceBuffer, count: Int)]) throws(CUDAError) -> [[Float]] {
+        let total = parts.reduce(0) { $0 + $1.count } * 4
+        let host = try staging(&stagingDown, total)
+        var offset = 0
+        for (b, n) in parts {
+            try driver.check(driver.cuMemcpyDtoHAsync(host + offset, b.pointer, n * 4, stream), "cuMemcpyDtoHAsync")
+            offset += n * 4
+        }
+        synchronousCopies += 1
+        try driver.check(driver.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        offset = 0
+        return parts.map { (_, n) in
+            defer { offset += n * 4 }
+            return Array(UnsafeBufferPointer(start: (host + offset).assumingMemoryBound(to: Float.self), count: n))
+        }
+    }
+
+    /// `values` into the start of `b` without waiting: staged in page-locked memory and
+    /// copied on this GPU's stream (work issued later on the stream sees them). The staging
+    /// is reused only after the previous upload has finished.
+    public func uploadAsync(_ values: [Float], into b: DeviceBuffer) throws(CUDAError) {
+        if uploadDone == nil { try driver.check(driver.cuEventCreate(&uploadDone, 2), "cuEventCreate") }  // CU_EVENT_DISABLE_TIMING
+        try driver.check(driver.cuEventSynchronize(uploadDone), "cuEventSynchronize")
+        let host = try staging(&stagingUp, values.count * 4)
+        values.withUnsafeBytes { _ = memcpy(host, $0.baseAddress!, $0.count) }
+        try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, host, values.count * 4, stream), "cuMemcpyHtoDAsync")
+        try driver.check(driver.cuEventRecord(uploadDone, stream), "cuEventRecord")
+    }
 
     public func upload(_ values: [Float], category: String) throws(CUDAError) -> DeviceBuffer {
         try upload(array: values, category: category)
@@ -296,4 +344,22 @@ public final class GPU: @unchecked Sendable {
     func countLaunch() { launches += 1 }
 
     public func synchronize() throws(CUDAError) { try driver.check(driver.cuCtxSynchronize(), "cuCtxSynchronize") }
+
+    /// Device seconds per call of `body` (the work it issues on this GPU's stream), from events
+    /// around `repeats` calls after one warm-up call.
+    public func time(repeats: Int, _ body: () throws(CUDAError) -> Void) throws(CUDAError) -> Double {
+        var start: OpaquePointer? = nil, end: OpaquePointer? = nil
+        try driver.check(driver.cuEventCreate(&start, 0), "cuEventCreate")
+        try driver.check(driver.cuEventCreate(&end, 0), "cuEventCreate")
+        try body()
+        try driver.check(driver.cuEventRecord(start, stream), "cuEventRecord")
+        for _ in 0..<repeats { try body() }
+        try driver.check(driver.cuEventRecord(end, stream), "cuEventRecord")
+        try driver.check(driver.cuEventSynchronize(end), "cuEventSynchronize")
+        var ms: Float = 0
+        try driver.check(driver.cuEventElapsedTime(&ms, start, end), "cuEventElapsedTime")
+        _ = driver.cuEventDestroy(start)
+        _ = driver.cuEventDestroy(end)
+        return Double(ms) / 1000 / Double(max(repeats, 1))
+    }
 }

@@ -90,7 +90,7 @@ public final class GPUMixtral {
     public static func workspaceBytes(_ c: MixtralConfiguration, tokens T: Int) -> Int {
         func rounded(_ floats: Int) -> Int { max(256, 1 << (Int.bitWidth - (max(floats * 4, 1) - 1).leadingZeroBitCount)) }
         let D = c.hiddenSize, qd = c.numAttentionHeads * c.headDim, kvd = c.numKeyValueHeads * c.headDim
-        return rounded(T) + 4 * rounded(T * D) + 2 * rounded(T * qd) + 2 * rounded(T * kvd) + rounded(T * c.numLocalExperts)
+        return rounded(T) + 3 * rounded(T * D) + rounded(T * D + T * c.numLocalExperts) + 2 * rounded(T * qd) + 2 * rounded(T * kvd)
             + 2 * rounded(D) + rounded(c.vocabSize) + rounded(1)
     }
 
@@ -117,10 +117,13 @@ public final class GPUMixtral {
         guard T > 0, start + T <= maxPositions else { throw .unavailable("sequence of \(start + T) positions exceeds the GPU cache of \(maxPositions)") }
         func buffer(_ floats: Int) throws(CUDAError) -> DeviceBuffer { try gpu.allocate(max(floats, 1) * 4, category: "workspace") }
         let ids = try gpu.upload(array: tokens, category: "workspace")
-        let x = try buffer(T * D), h = try buffer(T * D)                       // [T, D]
+        let x = try buffer(T * D)                                              // [T, D]
         try embedRows(ids, into: x, tokens: T)
         let q = try buffer(T * H * d), k = try buffer(T * Hkv * d), v = try buffer(T * Hkv * d), o = try buffer(T * H * d)
-        let attn = try buffer(T * D), moe = try buffer(T * D), logits = try buffer(T * c.numLocalExperts)
+        let attn = try buffer(T * D), moe = try buffer(T * D)
+        // The normed hidden state and the router logits side by side: one wait brings both down.
+        let routed = try buffer(T * D + T * c.numLocalExperts)
+        let h = routed.view(offset: 0, bytes: T * D * 4), logits = routed.view(offset: T * D * 4, bytes: T * c.numLocalExperts * 4)
         for (l, layer) in layers.enumerated() {
             try ops.rmsNorm(x, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             try matmul(h, layer.q, q, tokens: T)
@@ -174,11 +177,10 @@ public final class GPUMixtral {
     private func offloadExperts(_ h: DeviceBuffer, routerLogits: DeviceBuffer, layer l: Int, executor: any ExpertExecutor,
                                 into out: DeviceBuffer, tokens T: Int) throws(CUDAError) {
         let c = config, D = c.hiddenSize, E = c.numLocalExperts
-        let hidden = try gpu.download(h, count: T * D)
-        let logits = try gpu.download(routerLogits, count: T * E)
-        let choices = DuetCPU.routeTopK(logits, tokens: T, experts: E, k: c.numExpertsPerToken)
-        let y = executor.runExperts(layer: l, hidden: hidden, assignments: expertAssignments(choices, experts: E), tokens: T)
-        try gpu.copy(y, into: out)
+        let down = try gpu.download([(h, T * D), (routerLogits, T * E)])
+        let choices = DuetCPU.routeTopK(down[1], tokens: T, experts: E, k: c.numExpertsPerToken)
+        let y = executor.runExperts(layer: l, hidden: down[0], assignments: expertAssignments(choices, experts: E), tokens: T)
+        try gpu.uploadAsync(y, into: out)
     }
 
     /// Routes and runs the chosen experts on the GPU without a host round trip (bf16

@@ -73,6 +73,7 @@ public enum GPUSelfTest {
                 try ops.matmulBF16(gx, gw, gy, rows: N, cols: K, tokens: T)
                 checks.append(Check(name: "cuBLAS gemm bf16 N=\(N) K=\(K) T=\(T)", error: relativeError(try gpu.download(gy, count: T * N), reference), tolerance: 4e-3))
             }
+            checks += try quantizedMatmulChecks(gpu: gpu, ops: ops, cpu: cpu)
             for (V, D, T) in [(640, 96, 5), (32000, 4096, 3)] {
                 let table = KernelSelfTest.random(V * D, seed: 9).map(floatToBF16)
                 let ids: [Int32] = (0..<T).map { Int32(($0 * 7919 + 11) % V) }
@@ -98,7 +99,10 @@ public enum GPUSelfTest {
                 try ops.add(gx, gy, count: n)
                 checks.append(Check(name: "add n=\(n)", error: relativeError(try gpu.download(gx, count: n), zip(x, y).map { $0 + $1 }), tolerance: 1e-7))
             }
-            for (T, start, H, Hkv, d, window) in [(1, 40, 32, 8, 128, nil), (7, 0, 4, 2, 24, nil), (5, 11, 4, 2, 32, 8 as Int?)] {
+            // From 16 queries the tiled kernel: partial tiles, windows cutting tiles, d < 128.
+            for (T, start, H, Hkv, d, window) in [(1, 40, 32, 8, 128, nil), (7, 0, 4, 2, 24, nil), (5, 11, 4, 2, 32, 8 as Int?),
+                                                  (40, 0, 32, 8, 128, nil), (77, 100, 4, 2, 24, nil), (50, 30, 4, 2, 32, 20 as Int?),
+                                                  (300, 0, 8, 2, 128, nil), (16, 1000, 4, 1, 64, 100 as Int?)] {
                 let P = start + T
                 let q = KernelSelfTest.random(T * H * d, seed: 31), k = KernelSelfTest.random(P * Hkv * d, seed: 32)
                 let v = KernelSelfTest.random(P * Hkv * d, seed: 33)
@@ -139,6 +143,39 @@ public enum GPUSelfTest {
         } catch {
             return .failure(error)
         }
+    }
+
+    /// q8 and q4 matrices in the CPU's packed layout: the GEMV kernels against the CPU
+    /// reference path (fp32 sums of the dequantized weights) at odd sizes — rows not a multiple
+    /// of 16, columns not a multiple of 32 or of 4, an odd group count for q4 — and the
+    /// dequantize + cuBLAS path (x rounded to bf16) from 32 tokens.
+    static func quantizedMatmulChecks(gpu: GPU, ops: GPUOps, cpu: CPUKernels) throws(CUDAError) -> [Check] {
+        var checks: [Check] = []
+        let cases = [(83, 101, 1, false), (1000, 4096, 3, false), (4096, 1408, 8, false), (77, 96, 19, false), (50, 224, 5, false),
+                     (300, 256, 40, true), (1000, 4096, 64, true)]
+        for format in QuantFormat.allCases {
+            for (N, K, T, gemm) in cases {
+                let values = KernelSelfTest.random(N * K, seed: UInt64(N * 5 + K)).map(floatToBF16)
+                let w = values.withUnsafeBytes { raw in
+                    QuantizedMatrix(quantizing: WeightMatrix(TensorView(name: "w", dtype: .bf16, shape: [N, K], base: raw.baseAddress!, owner: nil)), format: format)
+                }
+                let x = KernelSelfTest.random(T * K, seed: UInt64(T + 11))
+                var reference = [Float](repeating: 0, count: T * N)
+                cpu.matmul(x, w, &reference, tokens: T)
+                let gw = try gpu.upload(bytes: UnsafeRawBufferPointer(start: w.levels, count: w.byteCount), category: "weights")
+                let gx = try gpu.upload(x, category: "workspace"), gy = try gpu.allocate(T * N * 4, category: "workspace")
+                if gemm {
+                    guard gpu.blas != nil else { continue }
+                    let scratch = try gpu.allocate(N * K * 2, category: "workspace")
+                    try ops.matmulQuantized(gx, gw, format: format, gy, rows: N, cols: K, tokens: T, scratch: scratch)
+                } else {
+                    try ops.matmulQuantized(gx, gw, format: format, gy, rows: N, cols: K, tokens: T)
+                }
+                checks.append(Check(name: "\(gemm ? "dequantize + cuBLAS gemm" : "gemv") \(format.rawValue) N=\(N) K=\(K) T=\(T)",
+                                    error: relativeError(try gpu.download(gy, count: T * N), reference), tolerance: gemm ? 4e-3 : 1e-5))
+            }
+        }
+        return checks
     }
 
     /// Fused decode MoE (router choices on the device, pointer tables) against the CPU's
@@ -217,15 +254,28 @@ public enum GPUSelfTest {
     /// model measured there, so the planner decides as it would in a run); prefill and decode
     /// logits (relative L2 < 1e-4), greedy tokens where HF's margin exceeds 1e-3, device work
     /// really done, and the budget's peak never above its limit.
-    public static func offloadChecks(goldens: String) throws -> [Check] {
+    ///
+    /// `format` q8/q4: the experts quantized, and the reference is the CPU's quantized model
+    /// (fp32 on the dequantized weights) run the same way instead of HF: its prefill and decode
+    /// logits (relative L2 < 1e-4) and its greedy tokens where its margin exceeds 1e-3.
+    public static func offloadChecks(goldens: String, format: QuantFormat? = nil) throws -> [Check] {
         var out: [Check] = []
         for name in ["mixtral-tiny-a", "mixtral-tiny-b"] {
             let file = joinPath(goldens, "\(name).golden.json")
             guard fileExists(file) else { continue }
-            let golden = try HFGolden.load(file: file)
+            var golden = try HFGolden.load(file: file)
+            if let format {
+                let reference = try MixtralModel(directory: joinPath(goldens, name), kernels: .reference())
+                try reference.quantizeExperts(format, cacheDirectory: nil)
+                golden = try golden.recomputed { () throws -> ([Int32]) throws -> [Float] in
+                    let cache = reference.makeCache()
+                    return { try reference.forward($0, cache: cache, allLogits: false) }
+                }
+            }
             for policy in OffloadPolicy.allCases {
               for denseOnGPU in [false, true] {
                 let model = try MixtralModel(directory: joinPath(goldens, name), kernels: .reference())
+                if let format { try model.quantizeExperts(format, cacheDirectory: nil) }
                 let c = model.config, L = c.numHiddenLayers, E = c.numLocalExperts
                 let shape = ExpertShape(model)
                 let maxRows = 16 * c.numExpertsPerToken
@@ -242,7 +292,7 @@ public enum GPUSelfTest {
                                                    latency: .unmeasured, maxRows: maxRows)
                 _ = executor.pinStreamedExperts()
                 if policy == .fiddler { _ = try executor.calibrate(tokenCounts: [1, 4], repeats: 2, fingerprint: "selftest") }
-                let label = "offload \(policy.rawValue) dense-on-\(denseOnGPU ? "gpu" : "cpu") \(name)"
+                let label = "offload \(policy.rawValue) dense-on-\(denseOnGPU ? "gpu" : "cpu") \(name)" + (format.map { " \($0.rawValue) experts vs CPU \($0.rawValue)" } ?? "")
                 func forward(_ tokens: [Int32], _ cache: KVCache) throws -> [Float] {
                     if let dense { return try dense.forward(tokens) }
                     return try model.forward(tokens, cache: cache, allLogits: false)
@@ -255,9 +305,14 @@ public enum GPUSelfTest {
                 }
                 let s = executor.stats, m = device.memory
                 let usedDevice = s.residentTokenExperts > 0 && s.fallbacks == 0 && (policy != .gpuSwap || s.copiedExperts > 0)
-                out.append(Check(name: "\(label) ran on the device (hit rate \(Int(s.hitRate * 100))%, \(s.copiedExperts) copies, \(s.fallbacks) failures)",
+                let why = executor.takeWarnings().first.map { ": \($0)" } ?? ""
+                out.append(Check(name: "\(label) ran on the device (hit rate \(Int(s.hitRate * 100))%, \(s.copiedExperts) copies, \(s.fallbacks) failures\(why))",
                                  error: usedDevice ? 0 : 1, tolerance: 0.5))
                 out.append(Check(name: "\(label) peak \(m.peak) of \(m.limit) budget bytes", error: m.peak <= m.limit ? 0 : 1, tolerance: 0.5))
+                // The model and its executor refer to each other: part them, so the device (its
+                // slots, its page-locked ranges) goes before the next case.
+                model.expertExecutor = nil
+                dense?.expertExecutor = nil
               }
             }
         }

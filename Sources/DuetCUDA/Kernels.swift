@@ -1,3 +1,5 @@
+import DuetCPU
+
 /// CUDA C kernels, kept as Swift strings so a copied binary carries them; compiled by NVRTC
 /// for the device at first use.
 enum KernelSource {
@@ -107,6 +109,98 @@ enum KernelSource {
             float acc = 0.f;
             for (int j = 0; j < n; j++) acc += scores[j] * values[((long)(first + j) * Hkv + kvh) * d + i];
             o[i] = acc / total;
+        }
+    }
+
+    // The same attention for many queries, tiled (flash-attention style, fp32): a block takes
+    // 32 consecutive queries of one head and walks their keys in tiles of 32 staged in shared
+    // memory, keeping each query's running max and sum (online softmax), so no [T, positions]
+    // score matrix exists and work grows with the causal triangle only. Warp w owns queries
+    // 8w..8w+7 of the tile; in a key tile lane j scores key j, and each lane accumulates the
+    // output dimensions lane + 32c. Requires d <= 128 and d % 4 == 0. Grid (ceil(T/32), H),
+    // the longest query tiles first; 128 threads.
+    __global__ void attention_tiled(const float* q, const float* keys, const float* values, float* out,
+                                    int T, int start, int H, int Hkv, int d, int window) {
+        __shared__ float4 Qs[32][32];   // [query][d / 4]
+        __shared__ float4 KV[32][33];   // [key][d / 4], padded: a tile's keys, then its values
+        const float NEG = __int_as_float(0xff800000);
+        int tiles = (T + 31) >> 5, tile = tiles - 1 - blockIdx.x;
+        int h = blockIdx.y, kvh = h / (H / Hkv), warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        int t0 = tile * 32, d4 = d >> 2;
+        float scale = rsqrtf((float)d);
+        for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
+            int r = i >> 5, c = i & 31;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t0 + r < T && c < d4) v = ((const float4*)(q + ((long)(t0 + r) * H + h) * d))[c];
+            Qs[r][c] = v;
+        }
+        float m[8], l[8], o[8][4];
+        #pragma unroll
+        for (int i = 0; i < 8; i++) { m[i] = NEG; l[i] = 0.f; o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f; }
+        int lastPos = start + min(T, t0 + 32) - 1;
+        int firstKey = window > 0 ? max(0, start + t0 - window + 1) : 0;
+        for (int k0 = firstKey & ~31; k0 <= lastPos; k0 += 32) {
+            __syncthreads();  // the previous tile's values are no longer read (and Qs is staged)
+            for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
+                int r = i >> 5, c = i & 31;
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (k0 + r <= lastPos && c < d4) v = ((const float4*)(keys + ((long)(k0 + r) * Hkv + kvh) * d))[c];
+                KV[r][c] = v;
+            }
+            __syncthreads();
+            float sc[8];
+            #pragma unroll
+            for (int i = 0; i < 8; i++) sc[i] = 0.f;
+            for (int c = 0; c < d4; c++) {
+                float4 kv = KV[lane][c];
+                #pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    float4 qv = Qs[warp * 8 + i][c];
+                    sc[i] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                }
+            }
+            int key = k0 + lane;
+            float p[8];
+            #pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int t = t0 + warp * 8 + i, pos = start + t;
+                bool valid = t < T && key <= pos && (window <= 0 || key > pos - window);
+                float s = valid ? sc[i] * scale : NEG;
+                float tileMax = s;
+                for (int off = 16; off > 0; off >>= 1) tileMax = fmaxf(tileMax, __shfl_xor_sync(0xffffffff, tileMax, off));
+                float mNew = fmaxf(m[i], tileMax);
+                p[i] = valid ? expf(s - mNew) : 0.f;
+                float corr = m[i] == NEG ? 0.f : expf(m[i] - mNew);
+                l[i] = l[i] * corr + warp_sum(p[i]);
+                o[i][0] *= corr; o[i][1] *= corr; o[i][2] *= corr; o[i][3] *= corr;
+                m[i] = mNew;
+            }
+            __syncthreads();  // keys read by every warp
+            for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
+                int r = i >> 5, c = i & 31;
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (k0 + r <= lastPos && c < d4) v = ((const float4*)(values + ((long)(k0 + r) * Hkv + kvh) * d))[c];
+                KV[r][c] = v;
+            }
+            __syncthreads();
+            const float* V = (const float*)KV;  // row stride 132 floats
+            for (int j = 0; j < 32; j++) {
+                float v0 = V[j * 132 + lane], v1 = V[j * 132 + lane + 32], v2 = V[j * 132 + lane + 64], v3 = V[j * 132 + lane + 96];
+                #pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    float pj = __shfl_sync(0xffffffff, p[i], j);
+                    o[i][0] += pj * v0; o[i][1] += pj * v1; o[i][2] += pj * v2; o[i][3] += pj * v3;
+                }
+            }
+        }
+        #pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int t = t0 + warp * 8 + i;
+            if (t >= T) continue;
+            float* dst = out + ((long)t * H + h) * d;
+            float inv = 1.f / l[i];
+            #pragma unroll
+            for (int c = 0; c < 4; c++) if (lane + 32 * c < d) dst[lane + 32 * c] = o[i][c] * inv;
         }
     }
 
@@ -239,6 +333,186 @@ enum KernelSource {
         if (lane == 0) x[(long)t * D + r] += acc;
     }
 
+    // Quantized weights in Duet's packed layout (DuetCPU/Quantized.swift): per block of 16 rows
+    // and group of 32 k, q8 stores 8 sub-blocks of 64 bytes (sub-block j: k 4j..4j+3, row r's
+    // 4 bytes at 4r), q4 4 sub-blocks of 64 bytes (sub-block j: k 8j..8j+7, row r's 4 bytes at
+    // 4r, byte b holding k 8j+b in its low and 8j+4+b in its high nibble); levels stored offset
+    // (q8 +128, q4 +8); f16 scales [row blocks][groups][16].
+
+    // Four x values from k0 (zero past K): one 16-byte load where the row allows it.
+    __device__ __forceinline__ float4 load_x4(const float* xt, int k0, int K, bool vec) {
+        if (vec && k0 + 3 < K) return *(const float4*)(xt + k0);
+        float4 v;
+        v.x = k0 < K ? xt[k0] : 0.f; v.y = k0 + 1 < K ? xt[k0 + 1] : 0.f;
+        v.z = k0 + 2 < K ? xt[k0 + 2] : 0.f; v.w = k0 + 3 < K ? xt[k0 + 3] : 0.f;
+        return v;
+    }
+    __device__ __forceinline__ float f16_to_float(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+    // Byte i of w minus `offset` as a float: the byte placed in the mantissa of 2^23, then one
+    // subtraction of 2^23 + offset (exact) — no integer-to-float conversion, which runs at a
+    // quarter of the FMA rate.
+    __device__ __forceinline__ float level_f(unsigned int w, int i, float offset) {
+        return __uint_as_float(__byte_perm(w, 0x4b000000u, 0x7650 + i)) - (8388608.f + offset);
+    }
+
+    // The lanes of a warp that share lane & 3 hold partial sums of the same four rows: sum them.
+    __device__ __forceinline__ float quad_rows_sum(float v) {
+        v += __shfl_xor_sync(0xffffffff, v, 4);
+        v += __shfl_xor_sync(0xffffffff, v, 8);
+        return v + __shfl_xor_sync(0xffffffff, v, 16);
+    }
+
+    }  // extern "C": the quantized GEMV is a template over its tokens per pass
+
+    // y[t, n] = sum_k W[n, k] x[t, k] for a quantized W [N, K] (G groups of 32 per padded row),
+    // x fp32 [T, K]: exactly the CPU reference path's sum over dequantized weights (in another
+    // order). One block of 8 warps per 16-row block; a "step" is 512 bytes of levels (q8: one
+    // group, q4: two), warp w takes steps 4w..4w+3, then 32 further on, and so on: its four
+    // 16-byte loads per lane (and their scales) are issued before any of them is used. q8:
+    // lane L holds rows 4(L&3)..+3 at k 4(L>>2)..+3 of its group; q4: rows 4(L&3)..+3 at k
+    // 8((L&15)>>2)..+7 of group 2s + (L>>4). The partial sums of each row and token meet
+    // across lanes (shuffles) and warps (shared memory). Groups past G get scale 0. TT tokens
+    // per pass over the weights: accumulators are 4 x TT registers, so one token (decode)
+    // keeps the kernel small enough for full occupancy, which hides the memory latency.
+    #define QSTEPS 4
+    template <int TT, int Q4>
+    __device__ void gemv_quant(const unsigned char* W, const unsigned short* S, const float* x, float* y,
+                               int N, int K, int G, int T) {
+        __shared__ float part[8][16][TT];
+        int rb = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r0 = (lane & 3) * 4;
+        bool vec = (K & 3) == 0 && (((unsigned long long)x) & 15) == 0;
+        int steps = Q4 ? (G + 1) / 2 : G;
+        const unsigned char* Wb = W + (long)rb * G * (Q4 ? 256 : 512);
+        const unsigned short* Sb = S + (long)rb * G * 16;
+        for (int t0 = 0; t0 < T; t0 += TT) {
+            int tt = T - t0 < TT ? T - t0 : TT;
+            float acc[4][TT];
+            #pragma unroll
+            for (int r = 0; r < 4; r++) {
+                #pragma unroll
+                for (int j = 0; j < TT; j++) acc[r][j] = 0.f;
+            }
+            for (int s0 = warp * QSTEPS; s0 < steps; s0 += 8 * QSTEPS) {
+                uint4 qv[QSTEPS];
+                uint2 sv[QSTEPS];
+                #pragma unroll
+                for (int u = 0; u < QSTEPS; u++) {
+                    int st = s0 + u, g = Q4 ? 2 * st + (lane >> 4) : st;
+                    if (st < steps && g < G) {
+                        qv[u] = ((const uint4*)(Wb + (long)st * 512))[lane];
+                        sv[u] = *(const uint2*)(Sb + (long)g * 16 + r0);
+                    } else {
+                        qv[u] = make_uint4(0, 0, 0, 0);
+                        sv[u] = make_uint2(0, 0);  // scale 0: contributes nothing
+                    }
+                }
+                #pragma unroll
+                for (int u = 0; u < QSTEPS; u++) {
+                    int st = s0 + u, g = Q4 ? 2 * st + (lane >> 4) : st;
+                    int k0 = Q4 ? g * 32 + 8 * ((lane & 15) >> 2) : g * 32 + 4 * (lane >> 2);
+                    float4 a[TT], b[TT];
+                    #pragma unroll
+                    for (int j = 0; j < TT; j++) {
+                        const float* xt = x + (long)(t0 + (j < tt ? j : 0)) * K;
+                        a[j] = load_x4(xt, k0, K, vec);
+                        if (Q4) b[j] = load_x4(xt, k0 + 4, K, vec);
+                    }
+                    unsigned int rowsq[4] = {qv[u].x, qv[u].y, qv[u].z, qv[u].w};
+                    unsigned int scales2[2] = {sv[u].x, sv[u].y};
+                    #pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        float scale = f16_to_float((unsigned short)(scales2[r >> 1] >> (16 * (r & 1))));
+                        if (!Q4) {
+                            float w0 = level_f(rowsq[r], 0, 128.f), w1 = level_f(rowsq[r], 1, 128.f);
+                            float w2 = level_f(rowsq[r], 2, 128.f), w3 = level_f(rowsq[r], 3, 128.f);
+                            #pragma unroll
+                            for (int j = 0; j < TT; j++) acc[r][j] += scale * (w0 * a[j].x + w1 * a[j].y + w2 * a[j].z + w3 * a[j].w);
+                        } else {
+                            unsigned int lo = rowsq[r] & 0x0f0f0f0fu, hi = (rowsq[r] >> 4) & 0x0f0f0f0fu;
+                            float w0 = level_f(lo, 0, 8.f), w1 = level_f(lo, 1, 8.f), w2 = level_f(lo, 2, 8.f), w3 = level_f(lo, 3, 8.f);
+                            float w4 = level_f(hi, 0, 8.f), w5 = level_f(hi, 1, 8.f), w6 = level_f(hi, 2, 8.f), w7 = level_f(hi, 3, 8.f);
+                            #pragma unroll
+                            for (int j = 0; j < TT; j++)
+                                acc[r][j] += scale * (w0 * a[j].x + w1 * a[j].y + w2 * a[j].z + w3 * a[j].w
+                                                    + w4 * b[j].x + w5 * b[j].y + w6 * b[j].z + w7 * b[j].w);
+                        }
+                    }
+                }
+            }
+            #pragma unroll
+            for (int r = 0; r < 4; r++) {
+                #pragma unroll
+                for (int j = 0; j < TT; j++) {
+                    float v = quad_rows_sum(acc[r][j]);
+                    if (lane < 4) part[warp][r0 + r][j] = v;
+                }
+            }
+            __syncthreads();
+            if (threadIdx.x < 16 * tt) {
+                int row = threadIdx.x & 15, j = threadIdx.x >> 4, n = rb * 16 + row;
+                float v = 0.f;
+                for (int w8 = 0; w8 < 8; w8++) v += part[w8][row][j];
+                if (n < N) y[(long)(t0 + j) * N + n] = v;
+            }
+            __syncthreads();
+        }
+    }
+
+    extern "C" {
+    #define GEMV_QUANT(name, TT, Q4) \
+        __global__ void __launch_bounds__(256) name(const unsigned char* W, const unsigned short* S, const float* x, float* y, \
+                                                    int N, int K, int G, int T) { gemv_quant<TT, Q4>(W, S, x, y, N, K, G, T); }
+    GEMV_QUANT(gemv_q8_t1, 1, 0)
+    GEMV_QUANT(gemv_q8_t2, 2, 0)
+    GEMV_QUANT(gemv_q8_t4, 4, 0)
+    GEMV_QUANT(gemv_q8_t8, 8, 0)
+    GEMV_QUANT(gemv_q4_t1, 1, 1)
+    GEMV_QUANT(gemv_q4_t2, 2, 1)
+    GEMV_QUANT(gemv_q4_t4, 4, 1)
+    GEMV_QUANT(gemv_q4_t8, 8, 1)
+
+    // out bf16 [N, K] = the dequantized W (level x scale in fp32, rounded to nearest even),
+    // for cuBLAS. One thread per 16 bytes of levels, read as the GEMV reads them (a warp: one
+    // q8 block or two q4 blocks, 512 contiguous bytes); each writes its 4 rows' k range.
+    __device__ __forceinline__ unsigned short to_bf16(float v) {
+        unsigned int b = __float_as_uint(v);
+        return (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    }
+    __global__ void dequant_bf16(const unsigned char* W, const unsigned short* S, unsigned short* out, int N, int K, int G, int q4) {
+        long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+        int perBlock = q4 ? 16 : 32;  // 16-byte pieces per (row block, group)
+        long pieces = (long)((N + 15) >> 4) * G * perBlock;
+        if (i >= pieces) return;
+        int L = (int)(i % perBlock);
+        long block = i / perBlock;  // rb * G + g
+        int g = (int)(block % G), rb = (int)(block / G), r0 = (L & 3) * 4;
+        uint4 q = ((const uint4*)(W + block * (q4 ? 256 : 512)))[L];
+        unsigned int rowsq[4] = {q.x, q.y, q.z, q.w};
+        for (int r = 0; r < 4; r++) {
+            int n = rb * 16 + r0 + r;
+            if (n >= N) break;
+            float scale = f16_to_float(S[block * 16 + r0 + r]);
+            unsigned short* dst = out + (long)n * K;
+            // One 8- (q8) or 16-byte (q4) store per row where the row allows it.
+            if (!q4) {
+                int k0 = g * 32 + 4 * (L >> 2);
+                unsigned short v[4];
+                for (int j = 0; j < 4; j++) v[j] = to_bf16(level_f(rowsq[r], j, 128.f) * scale);
+                if ((K & 3) == 0 && k0 + 3 < K) *(uint2*)(dst + k0) = make_uint2(v[0] | ((unsigned int)v[1] << 16), v[2] | ((unsigned int)v[3] << 16));
+                else for (int j = 0; j < 4; j++) if (k0 + j < K) dst[k0 + j] = v[j];
+            } else {
+                int k0 = g * 32 + 8 * (L >> 2);
+                unsigned int lo = rowsq[r] & 0x0f0f0f0fu, hi = (rowsq[r] >> 4) & 0x0f0f0f0fu;
+                unsigned short v[8];
+                for (int j = 0; j < 4; j++) { v[j] = to_bf16(level_f(lo, j, 8.f) * scale); v[4 + j] = to_bf16(level_f(hi, j, 8.f) * scale); }
+                if ((K & 7) == 0 && k0 + 7 < K)
+                    *(uint4*)(dst + k0) = make_uint4(v[0] | ((unsigned int)v[1] << 16), v[2] | ((unsigned int)v[3] << 16),
+                                                     v[4] | ((unsigned int)v[5] << 16), v[6] | ((unsigned int)v[7] << 16));
+                else for (int j = 0; j < 8; j++) if (k0 + j < K) dst[k0 + j] = v[j];
+            }
+        }
+    }
+
     // y[t, n] = sum_k W[n, k] * x[t, k], W bf16 [N, K], x fp32 [T, K]. One warp per output row,
     // every token of the row in the same warp (the weights are read once for all T <= 8).
     // Where K is a multiple of 8 and both operands are 16-byte aligned, each lane loads 8 weights
@@ -324,10 +598,21 @@ public struct GPUOps {
         try gpu.launch(f, grid: (UInt32(T), UInt32(heads), 1), block: (64, 1, 1), arguments: a.pointers)
     }
 
+    /// From this many queries (prompts) attention runs tiled: keys staged once per 32 queries,
+    /// no score buffer (the one-block-per-query kernel re-reads every key for every query).
+    public static let tiledAttentionMinTokens = 16
+
     /// Causal GQA attention of `T` queries (positions `start...`) over a contiguous cache
     /// `[start + T, Hkv, d]`. window nil: full causal.
     public func attention(queries q: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, out: DeviceBuffer,
                           tokens T: Int, start: Int, heads H: Int, kvHeads: Int, headDim d: Int, window: Int?) throws(CUDAError) {
+        if T >= Self.tiledAttentionMinTokens, d <= 128, d % 4 == 0 {
+            let f = try gpu.function("attention_tiled", in: KernelSource.common)
+            let a = KernelArguments()
+            a.add(q); a.add(keys); a.add(values); a.add(out)
+            a.add(Int32(T)); a.add(Int32(start)); a.add(Int32(H)); a.add(Int32(kvHeads)); a.add(Int32(d)); a.add(Int32(window ?? 0))
+            return try gpu.launch(f, grid: (UInt32((T + 31) / 32), UInt32(H), 1), block: (128, 1, 1), arguments: a.pointers)
+        }
         let f = try gpu.function("attention", in: KernelSource.common)
         let a = KernelArguments()
         a.add(q); a.add(keys); a.add(values); a.add(out)
@@ -441,6 +726,31 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(w); a.add(x); a.add(y); a.add(Int32(N)); a.add(Int32(K)); a.add(Int32(T))
         try gpu.launch(f, grid: (UInt32((N + 7) / 8), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// y `[T, N]` = x `[T, K]` @ W^T for a quantized W `[N, K]` at `w` (packed levels, then
+    /// scales: `QuantizedMatrix`'s layout). Few tokens: the quantized GEMV kernel (fp32 sums
+    /// of the dequantized weights, as the CPU reference path); from `gpu.gemmMinTokens` with
+    /// `scratch` (bf16 `[N, K]`): W dequantized to bf16 there, then the cuBLAS GEMM.
+    public func matmulQuantized(_ x: DeviceBuffer, _ w: DeviceBuffer, format: QuantFormat, _ y: DeviceBuffer,
+                                rows N: Int, cols K: Int, tokens T: Int, scratch: DeviceBuffer? = nil) throws(CUDAError) {
+        let (paddedRows, paddedCols) = QuantizedMatrix.paddedShape(rows: N, cols: K)
+        let G = paddedCols / QuantFormat.groupSize, levelBytes = paddedRows / 16 * G * format.blockBytes
+        let scales = w.view(offset: levelBytes, bytes: paddedRows * G * 2)
+        if T >= gpu.gemmMinTokens, let blas = gpu.blas, let scratch, scratch.bytes >= N * K * 2 {
+            let f = try gpu.function("dequant_bf16", in: KernelSource.common)
+            let a = KernelArguments()
+            a.add(w); a.add(scales); a.add(scratch); a.add(Int32(N)); a.add(Int32(K)); a.add(Int32(G)); a.add(Int32(format == .q4 ? 1 : 0))
+            let pieces = paddedRows / 16 * G * (format == .q4 ? 16 : 32)
+            try gpu.launch(f, grid: (UInt32((pieces + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+            return try gemmBF16(blas, x, scratch, y, rows: N, cols: K, tokens: T)
+        }
+        // Tokens per pass over the weights: the fewest passes, then the smallest kernel.
+        let perPass = T >= 8 ? 8 : T >= 4 ? 4 : T >= 2 ? 2 : 1
+        let f = try gpu.function("gemv_\(format.rawValue)_t\(perPass)", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(w); a.add(scales); a.add(x); a.add(y); a.add(Int32(N)); a.add(Int32(K)); a.add(Int32(G)); a.add(Int32(T))
+        try gpu.launch(f, grid: (UInt32(paddedRows / 16), 1, 1), block: (256, 1, 1), arguments: a.pointers)
     }
 
     /// Row-major y `[T, N]` = x `[T, K]` W^T is column-major y' `[N, T]` = W'^T x' with W' = the

@@ -23,6 +23,28 @@ public struct HFGolden: Decodable, Sendable {
     }
     public let cases: [Case]
 
+    /// The same prompts and step counts with `sequence`'s outputs as the reference instead of
+    /// HF's: its prefill logits, its greedy continuation (its own tokens fed back), its margins
+    /// and its logits after the recorded decode steps. For models HF cannot run (quantized
+    /// experts), checked against Duet's CPU reference path. `sequence()` starts a sequence and
+    /// returns its forward step.
+    public func recomputed(_ sequence: () throws -> ([Int32]) throws -> [Float]) throws -> HFGolden {
+        HFGolden(cases: try cases.map { c in
+            let forward = try sequence()
+            var logits = try forward(c.prompt)
+            let prefill = logits
+            var greedy: [Int32] = [], margins: [Float] = [], decode: [Float] = []
+            for step in 0..<c.greedy.count {
+                let sorted = logits.indices.sorted { logits[$0] > logits[$1] || (logits[$0] == logits[$1] && $0 < $1) }
+                greedy.append(Int32(sorted[0]))
+                margins.append(logits[sorted[0]] - logits[sorted[1]])
+                if step == c.decode_steps { decode = logits }
+                if step + 1 < c.greedy.count { logits = try forward([greedy[step]]) }
+            }
+            return Case(prompt: c.prompt, prefill_logits: prefill, decode_logits: decode, decode_steps: c.decode_steps, greedy: greedy, margins: margins)
+        })
+    }
+
     /// Reads `file` (a `*.golden.json`).
     public static func load(file: String) throws -> HFGolden {
         try JSONDecoder().decode(HFGolden.self, from: Data(readSmallFile(file)))

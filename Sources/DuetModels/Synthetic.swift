@@ -46,34 +46,62 @@ public enum SyntheticError: Error, Equatable, CustomStringConvertible {
 /// u (±a per element), so every token's hidden state leans along u, and expert e's router
 /// row gets S * z_e * u / D with z_e falling linearly from 1 (expert 0) to 0 (the last):
 /// expert e's logit then leans by about S * z_e on every token.
+///
+/// With an expert format (q8, q4), each expert matrix is generated, quantized at once and
+/// only its quantized form kept: a full-size host cannot hold Mixtral-8x7B's 87 GiB of bf16
+/// experts and their quantized copies together. The model's stored-dtype expert views then
+/// all read one shared zero matrix, so only the quantized experts carry the weights (the
+/// CPU kernels and the offload devices compute with those).
 public final class SyntheticWeights: WeightSource, @unchecked Sendable {
     public let seed: UInt64
     public let routerSkew: Float
+    public let expertFormat: QuantFormat?
     private let pool: ThreadPool
     // Filled while the model is built (one thread), read-only afterwards.
     private var parameters = 0
     private var bytes = 0
+    private var quantized: [String: QuantizedMatrix] = [:]
+    private var zeros: Storage?
 
-    public init(seed: UInt64, pool: ThreadPool, routerSkew: Float = 0) {
+    public init(seed: UInt64, pool: ThreadPool, routerSkew: Float = 0, expertFormat: QuantFormat? = nil) {
         self.seed = seed
         self.pool = pool
         self.routerSkew = routerSkew
+        self.expertFormat = expertFormat
     }
 
     /// A Mixtral model of geometry `name` (optionally with fewer layers) over synthetic weights.
+    /// `expertFormat`: generate the experts straight into that format (see the type's note).
     public static func mixtral(_ name: String, layers: Int? = nil, seed: UInt64, routerSkew: Float = 0,
-                               kernels: CPUKernels) throws -> MixtralModel {
+                               expertFormat: QuantFormat? = nil, kernels: CPUKernels) throws -> MixtralModel {
         guard var config = SyntheticGeometry.all[name] else { throw SyntheticError.unknownGeometry(name) }
         if let layers {
             guard layers >= 1 else { throw SyntheticError.badLayerCount(layers) }
             config.numHiddenLayers = layers
         }
         guard routerSkew >= 0, routerSkew.isFinite else { throw SyntheticError.badRouterSkew(routerSkew) }
-        let weights = SyntheticWeights(seed: seed, pool: kernels.pool, routerSkew: routerSkew)
-        return try MixtralModel(config: config, weights: weights, kernels: kernels, eosTokenIds: config.eosTokenIds)
+        let weights = SyntheticWeights(seed: seed, pool: kernels.pool, routerSkew: routerSkew, expertFormat: expertFormat)
+        let model = try MixtralModel(config: config, weights: weights, kernels: kernels, eosTokenIds: config.eosTokenIds)
+        if expertFormat != nil {
+            model.useExperts((0..<config.numHiddenLayers).map { l in
+                (0..<config.numLocalExperts).map { e in
+                    let m = { (w: String) in weights.quantized[MixtralNames.expert(l, e, w)]! }
+                    return QuantizedExpert(gate: m("w1"), up: m("w3"), down: m("w2"))
+                }
+            })
+        }
+        return model
     }
 
     public func matrix(_ name: String, rows: Int, cols: Int) throws -> WeightMatrix {
+        let generated = generate(name, rows: rows, cols: cols)
+        guard let format = expertFormat, name.contains(".block_sparse_moe.experts.") else { return generated }
+        quantized[name] = QuantizedMatrix(quantizing: generated, format: format, pool: pool)
+        if (zeros?.count ?? 0) < rows * cols { zeros = Storage(count: rows * cols) }
+        return WeightMatrix(TensorView(name: name, dtype: .bf16, shape: [rows, cols], base: UnsafeRawPointer(zeros!.pointer), owner: zeros!))
+    }
+
+    private func generate(_ name: String, rows: Int, cols: Int) -> WeightMatrix {
         let count = rows * cols
         let storage = Storage(count: count)
         let scale = (3.0 / Float(cols)).squareRoot()
@@ -134,8 +162,12 @@ public final class SyntheticWeights: WeightSource, @unchecked Sendable {
 
     private final class Storage {
         let buffer: HugePageBuffer
+        let count: Int
         var pointer: UnsafeMutablePointer<UInt16> { buffer.base.assumingMemoryBound(to: UInt16.self) }
-        init(count: Int) { buffer = HugePageBuffer(byteCount: count * 2) }
+        init(count: Int) {
+            buffer = HugePageBuffer(byteCount: count * 2)
+            self.count = count
+        }
     }
 }
 

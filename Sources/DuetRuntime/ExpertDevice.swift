@@ -6,22 +6,48 @@ import DuetCore
 import DuetCPU
 import DuetModels
 
-/// One expert's geometry and stored dtype: what a device slot must hold.
+/// One expert's geometry and the format its weights compute in: the stored dtype, or a
+/// quantized format (`--expert-dtype q8|q4`), in which case slots hold the packed levels and
+/// scales exactly as the CPU kernels read them — one host copy serves both paths.
 public struct ExpertShape: Sendable, Equatable {
     public var hidden: Int  // D
     public var ffn: Int     // F
     public var dtype: DType
-    public init(hidden: Int, ffn: Int, dtype: DType) {
+    /// The quantized format the experts compute in (nil: `dtype`).
+    public var format: QuantFormat?
+    public init(hidden: Int, ffn: Int, dtype: DType, format: QuantFormat? = nil) {
         self.hidden = hidden
         self.ffn = ffn
         self.dtype = dtype
+        self.format = format
     }
-    /// A Mixtral model's experts as stored.
+    /// A Mixtral model's experts as they compute (quantized where the model's are).
     public init(_ model: MixtralModel) {
-        self.init(hidden: model.config.hiddenSize, ffn: model.config.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype)
+        self.init(hidden: model.config.hiddenSize, ffn: model.config.intermediateSize, dtype: model.layers[0].experts[0].gate.dtype,
+                  format: model.expertFormat)
     }
-    /// w1, w3 `[F, D]` and w2 `[D, F]`.
-    public var bytes: Int { 3 * hidden * ffn * dtype.size }
+    /// Bytes of w1, w3 `[F, D]` and w2 `[D, F]` in a slot, in that order.
+    public var partBytes: [Int] {
+        guard let format else { return [hidden * ffn * dtype.size, hidden * ffn * dtype.size, hidden * ffn * dtype.size] }
+        let upward = QuantizedMatrix.byteCount(format: format, rows: ffn, cols: hidden)
+        return [upward, upward, QuantizedMatrix.byteCount(format: format, rows: hidden, cols: ffn)]
+    }
+    /// Bytes of one expert at its computing format.
+    public var bytes: Int { partBytes.reduce(0, +) }
+    /// "bf16", "q8", ...
+    public var formatName: String { format?.rawValue ?? dtype.rawValue }
+}
+
+extension MixtralExpert {
+    /// The memory a device slot receives for this expert in `shape`'s format: w1, w3, w2 —
+    /// quantized ones as their packed levels followed by their scales (one contiguous range
+    /// each, `QuantizedMatrix`'s layout).
+    public func parts(_ shape: ExpertShape) -> [UnsafeRawBufferPointer] {
+        if shape.format != nil, let q = quantized {
+            return [q.gate, q.up, q.down].map { UnsafeRawBufferPointer(start: $0.levels, count: $0.byteCount) }
+        }
+        return [gate, up, down].map { UnsafeRawBufferPointer(start: $0.view.base, count: $0.byteCount) }
+    }
 }
 
 /// A device's memory: the budget, what is in use by category, and the most ever in use.
@@ -150,19 +176,27 @@ public final class CPUExpertDevice: ExpertDevice, @unchecked Sendable {
 
     private func copy(_ expert: MixtralExpert, into slot: Int) {
         var offset = 0
-        for w in [expert.gate, expert.up, expert.down] {
-            memcpy(slots[slot].base + offset, w.view.base, w.byteCount)
-            offset += w.byteCount
+        for part in expert.parts(shape) {
+            memcpy(slots[slot].base + offset, part.baseAddress!, part.count)
+            offset += part.count
         }
     }
 
-    /// The slot's weights as matrices (w1, w3 `[F, D]`, w2 `[D, F]`).
-    private func matrices(_ slot: Int) -> (gate: WeightMatrix, up: WeightMatrix, down: WeightMatrix) {
-        let D = shape.hidden, F = shape.ffn, part = D * F * shape.dtype.size, base = UnsafeRawPointer(slots[slot].base)
-        func view(_ i: Int, _ rows: Int, _ cols: Int) -> WeightMatrix {
-            WeightMatrix(TensorView(name: "slot \(slot)", dtype: shape.dtype, shape: [rows, cols], base: base + i * part, owner: slots[slot]))
+    /// y `[T, D]` = the expert in `slot` applied to x `[T, D]`, in the slot's format.
+    private func expertFFN(slot: Int, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, tokens T: Int) {
+        let D = shape.hidden, F = shape.ffn, base = UnsafeRawPointer(slots[slot].base), owner = slots[slot]
+        let offsets = [0, shape.partBytes[0], shape.partBytes[0] + shape.partBytes[1]]
+        if let format = shape.format {
+            func matrix(_ i: Int, _ rows: Int, _ cols: Int) -> QuantizedMatrix {
+                QuantizedMatrix(format: format, rows: rows, cols: cols, data: base + offsets[i], owner: owner)
+            }
+            kernels.expertFFN(x, QuantizedExpert(gate: matrix(0, F, D), up: matrix(1, F, D), down: matrix(2, D, F)), y, tokens: T)
+        } else {
+            func view(_ i: Int, _ rows: Int, _ cols: Int) -> WeightMatrix {
+                WeightMatrix(TensorView(name: "slot \(slot)", dtype: shape.dtype, shape: [rows, cols], base: base + offsets[i], owner: owner))
+            }
+            kernels.expertFFN(x, gate: view(0, F, D), up: view(1, F, D), down: view(2, D, F), y, tokens: T)
         }
-        return (view(0, F, D), view(1, F, D), view(2, D, F))
     }
 
     public func submit(_ jobs: [DeviceJob], input: [Float]) throws(DeviceError) {
@@ -179,10 +213,9 @@ public final class CPUExpertDevice: ExpertDevice, @unchecked Sendable {
                     copySeconds += secondsSince(start)
                 }
                 let start = ContinuousClock.now
-                let w = matrices(job.slot)
                 input.withUnsafeBufferPointer { x in
                     outputs.withUnsafeMutableBufferPointer { y in
-                        kernels.expertFFN(x.baseAddress! + row * D, gate: w.gate, up: w.up, down: w.down, y.baseAddress! + row * D, tokens: job.tokens)
+                        expertFFN(slot: job.slot, x.baseAddress! + row * D, y.baseAddress! + row * D, tokens: job.tokens)
                     }
                 }
                 computeSeconds += secondsSince(start)

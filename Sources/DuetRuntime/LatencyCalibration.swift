@@ -47,7 +47,7 @@ public struct LatencyCalibration: Codable, Sendable, Equatable {
 
     /// The machine, thread count, device and expert shape a calibration belongs to.
     public static func fingerprint(threads: Int, device: String, shape: ExpertShape, cpuPath: String) -> String {
-        "\(cpuModelName()) | \(threads) threads, \(cpuPath) kernels | \(device) | expert \(shape.hidden)x\(shape.ffn) \(shape.dtype.rawValue)"
+        "\(cpuModelName()) | \(threads) threads, \(cpuPath) kernels | \(device) | expert \(shape.hidden)x\(shape.ffn) \(shape.formatName)"
     }
 
     /// Where `duet calibrate` writes the calibration for `fingerprint`.

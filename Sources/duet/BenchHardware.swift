@@ -344,7 +344,8 @@ struct SelfTest: ParsableCommand {
                 Console.out("GPU: \(r.device)\n")
                 results += r.checks.map { (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed) }
                 results += try (GPUSelfTest.modelChecks(goldens: goldens) + GPUSelfTest.longPromptChecks(goldens: goldens)
-                                 + GPUSelfTest.offloadChecks(goldens: goldens)).map {
+                                 + GPUSelfTest.offloadChecks(goldens: goldens) + GPUSelfTest.offloadChecks(goldens: goldens, format: .q8)
+                                 + GPUSelfTest.offloadChecks(goldens: goldens, format: .q4)).map {
                     (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed)
                 }
             case .failure(.unavailable(let why)):

@@ -60,6 +60,8 @@ struct BenchScenarios: ParsableCommand {
         var scenario: Scenario
         var strategy: String
         var layout: String
+        /// The experts' format: bf16 (stored), q8, q4 (absent in rows from before quantized experts: bf16).
+        var expertDtype: String?
         var gpuMemoryGiB: Double
         var prefillSeconds: Double
         var decodeTokensPerSecond: Double?
@@ -97,12 +99,13 @@ struct BenchScenarios: ParsableCommand {
         let done = try resume.map(Self.finished) ?? []
         let kernels = try engine.makeKernels()
         let start = ContinuousClock.now
-        let model = try SyntheticWeights.mixtral(synthetic, layers: engine.layers, seed: engine.syntheticSeed, routerSkew: engine.routerSkew, kernels: kernels)
+        let model = try SyntheticWeights.mixtral(synthetic, layers: engine.layers, seed: engine.syntheticSeed, routerSkew: engine.routerSkew,
+                                                 expertFormat: engine.expertDtype.format, kernels: kernels)
         Console.err("weights generated in \(fixed(secondsSince(start), 1)) s\n")
         var calibration: LatencyCalibration? = nil
         // Offload strategies first: the first one calibrates, cpu-only's bound uses its CPU times.
         for strategy in strategies.filter({ $0 != .cpuOnly }) + strategies.filter({ $0 == .cpuOnly }) {
-            let todo = scenarios().filter { !done.contains(Key(scenario: $0, strategy: strategy.rawValue)) }
+            let todo = scenarios().filter { !done.contains(Key(scenario: $0, strategy: strategy.rawValue, expertDtype: dtype)) }
             guard !todo.isEmpty else { continue }
             for layout in [DensePlacement.gpu, .cpu] {
                 let rows = todo.filter { (layout == .gpu) == ($0.group != "beam") }
@@ -113,12 +116,15 @@ struct BenchScenarios: ParsableCommand {
         }
     }
 
-    struct Key: Hashable { var scenario: Scenario; var strategy: String }
+    struct Key: Hashable { var scenario: Scenario; var strategy: String; var expertDtype: String }
+
+    /// The experts' format as rows record it.
+    var dtype: String { engine.expertDtype.format?.rawValue ?? "bf16" }
 
     static func finished(_ path: String) throws -> Set<Key> {
         guard fileExists(path) else { return [] }
         let lines = String(decoding: try readSmallFile(path), as: UTF8.self).split(separator: "\n")
-        return Set(lines.compactMap { try? JSONDecoder().decode(Row.self, from: Data($0.utf8)) }.map { Key(scenario: $0.scenario, strategy: $0.strategy) })
+        return Set(lines.compactMap { try? JSONDecoder().decode(Row.self, from: Data($0.utf8)) }.map { Key(scenario: $0.scenario, strategy: $0.strategy, expertDtype: $0.expertDtype ?? "bf16") })
     }
 
     /// Sets up one strategy in one layout, runs its scenarios, and tears it down.
@@ -200,7 +206,7 @@ struct BenchScenarios: ParsableCommand {
         let d = after.since(before)
         let bound = executor == nil ? cpuBound() - boundBefore : d.boundSeconds
         let cpu = executor == nil ? measured : d.cpuSeconds
-        return Row(device: device, scenario: s, strategy: strategy.rawValue, layout: "dense-on-\(layout.rawValue)",
+        return Row(device: device, scenario: s, strategy: strategy.rawValue, layout: "dense-on-\(layout.rawValue)", expertDtype: dtype,
                    gpuMemoryGiB: Double(gpuMemory.flatMap(parseByteSize) ?? 0) / 1073741824, prefillSeconds: prefill,
                    decodeTokensPerSecond: tokensPerSecond, stepSeconds: stepSeconds,
                    cpuExpertSeconds: cpu, deviceWaitSeconds: d.deviceWaitSeconds, deviceCopySeconds: d.deviceCopySeconds,
@@ -221,7 +227,7 @@ struct BenchScenarios: ParsableCommand {
 
     func describe(_ r: Row) -> String {
         let speed = r.decodeTokensPerSecond.map { "\(fixed($0, 2)) tok/s" } ?? r.stepSeconds.map { "\(fixed($0, 3)) s/step" } ?? "\(fixed(r.prefillSeconds, 3)) s"
-        return "\(r.scenario.name.padding(18)) \(r.strategy.padding(11)) \(r.layout.padding(12)) \(speed.padding(13)) prefill \(fixed(r.prefillSeconds, 2)) s | "
+        return "\(r.scenario.name.padding(18)) \(r.strategy.padding(11)) \((r.expertDtype ?? "bf16").padding(5)) \(r.layout.padding(12)) \(speed.padding(13)) prefill \(fixed(r.prefillSeconds, 2)) s | "
             + "CPU \(fixed(r.cpuExpertSeconds, 2)) s, wait \(fixed(r.deviceWaitSeconds, 2)) s, copies \(fixed(r.deviceCopySeconds, 2)) s, other \(fixed(r.otherSeconds, 2)) s | "
             + "hit \(fixed(r.hitRate * 100, 1))% | \(fixed(r.bytesCopiedPerStep / 1e9, 2)) GB copied/step | bound \(fixed(r.boundSeconds, 2)) s of \(fixed(r.measuredSeconds, 2)) s = \(fixed(r.fraction, 2))"
     }

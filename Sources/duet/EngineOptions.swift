@@ -75,8 +75,8 @@ struct EngineOptions: ParsableArguments {
         if model != nil && synthetic != nil { throw ValidationError("give --model or --synthetic, not both") }
         if synthetic == nil && (layers != nil || routerSkew != 0) { throw ValidationError("--layers and --router-skew go with --synthetic") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
-        if expertDtype != .stored && strategy != nil && strategy != .cpuOnly {
-            throw ValidationError("--expert-dtype \(expertDtype.rawValue) runs on the CPU (--strategy cpu-only); quantized experts on the GPU are not built yet")
+        if expertDtype != .stored && strategy == .gpuOnly {
+            throw ValidationError("--strategy gpu-only runs the experts as stored; quantized experts (--expert-dtype \(expertDtype.rawValue)) run with fiddler, gpu-swap, layer-split or cpu-only")
         }
         if let gpuMemory, parseByteSize(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, 800MiB or 1073741824, got '\(gpuMemory)'") }
     }
@@ -85,7 +85,6 @@ struct EngineOptions: ParsableArguments {
     /// GPU driver is there (without one the default is cpu-only).
     func resolvedPolicy() -> OffloadPolicy? {
         if let strategy { return strategy.offloadPolicy }
-        guard expertDtype == .stored else { return nil }
         return offloadDevice == .cpu || GPU.driverPresent ? .fiddler : nil
     }
 
@@ -119,12 +118,13 @@ struct EngineOptions: ParsableArguments {
         let model: any LanguageModel
         var directory: String? = nil
         if let synthetic {
-            model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, routerSkew: routerSkew, kernels: kernels)
+            model = try SyntheticWeights.mixtral(synthetic, layers: layers, seed: syntheticSeed, routerSkew: routerSkew,
+                                                 expertFormat: expertDtype.format, kernels: kernels)
         } else {
             directory = try resolved ?? modelDirectory()
             model = try ModelRegistry.load(directory: directory!, kernels: kernels)
         }
-        if let format = expertDtype.format {
+        if let format = expertDtype.format, synthetic == nil {
             guard let mixtral = model as? MixtralModel else { throw CLIError("--expert-dtype supports Mixtral-family models") }
             let report = try mixtral.quantizeExperts(format, cacheDirectory: quantCacheDirectory)
             Console.err("experts \(report.fromCache ? "mapped from" : "quantized to") \(format.rawValue) (\(report.experts) experts, "

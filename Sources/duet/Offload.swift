@@ -64,9 +64,6 @@ extension EngineOptions {
     func installOffload(_ policy: OffloadPolicy, model: MixtralModel, device: any ExpertDevice,
                         stepTokens: Int = 256, reserved extra: Int = 0) throws -> OffloadSetup {
         let c = model.config
-        guard model.expertFormat == nil else {
-            throw CLIError("--strategy \(policy.rawValue) runs stored-dtype experts; quantized experts on the GPU are not built yet (issue 11)")
-        }
         let shape = ExpertShape(model)
         let maxRows = stepTokens * c.numExpertsPerToken  // grows on demand (within the budget) for longer steps
         let reserved = device.memory.total + extra + device.workspaceBytes(shape: shape, maxRows: maxRows)

@@ -38,6 +38,22 @@ import Testing
         #expect(la.allSatisfy { $0.isFinite })
     }
 
+    /// Experts generated straight into q8/q4 (the bf16 copies dropped) compute what the bf16
+    /// model quantized after loading computes, with the parallel quantizer.
+    @Test(arguments: [QuantFormat.q8, .q4])
+    func expertsGeneratedQuantizedEqualQuantizingAfterwards(format: QuantFormat) throws {
+        let direct = try SyntheticWeights.mixtral("tiny", layers: 2, seed: 3, expertFormat: format, kernels: .reference())
+        let later = try SyntheticWeights.mixtral("tiny", layers: 2, seed: 3, kernels: .reference())
+        try later.quantizeExperts(format, cacheDirectory: nil)
+        #expect(direct.expertFormat == format)
+        let a = try direct.forward([5, 6, 7, 8], cache: direct.makeCache(), allLogits: true)
+        let b = try later.forward([5, 6, 7, 8], cache: later.makeCache(), allLogits: true)
+        #expect(a == b)
+        // The stored-dtype expert views carry no weights (one shared zero matrix).
+        let stored = direct.layers[1].experts[3].gate
+        #expect((0..<stored.cols).allSatisfy { stored.view.base.load(fromByteOffset: 2 * $0, as: UInt16.self) == 0 })
+    }
+
     @Test func badArgumentsAreErrors() {
         #expect(throws: SyntheticError.unknownGeometry("mixtral-9x9b")) {
             _ = try SyntheticWeights.mixtral("mixtral-9x9b", seed: 0, kernels: .reference())

@@ -78,8 +78,8 @@ struct ExpertPlacementTests {
 
     /// A model with an executor whose device holds `resident` experts (+ the policy's streaming slots).
     private func offloaded(_ policy: OffloadPolicy, resident: Int, latency: ExpertPlanner.LatencyModel? = nil,
-                           kernels: CPUKernels = .reference()) throws -> (MixtralModel, OffloadExecutor, CPUExpertDevice) {
-        let model = try MixtralModel(directory: fixture(Self.name), kernels: kernels)
+                           kernels: CPUKernels = .reference(), format: QuantFormat? = nil) throws -> (MixtralModel, OffloadExecutor, CPUExpertDevice) {
+        let model = try plainModel(kernels: kernels, format: format)
         let c = model.config
         let shape = ExpertShape(model)
         let maxRows = 64 * c.numExpertsPerToken
@@ -94,7 +94,12 @@ struct ExpertPlacementTests {
         return (model, executor, limited)
     }
 
-    private func plainModel() throws -> MixtralModel { try MixtralModel(directory: fixture(Self.name), kernels: .reference()) }
+    /// The fixture, with its experts quantized to `format` when given.
+    private func plainModel(kernels: CPUKernels = .reference(), format: QuantFormat? = nil) throws -> MixtralModel {
+        let model = try MixtralModel(directory: fixture(Self.name), kernels: kernels)
+        if let format { try model.quantizeExperts(format, cacheDirectory: nil) }
+        return model
+    }
 
     /// Prefill + 6 decode steps' logits.
     private func logits(_ model: MixtralModel) throws -> [[Float]] {
@@ -118,6 +123,24 @@ struct ExpertPlacementTests {
         }
         #expect(device.memory.peak <= device.memory.limit && device.memory.peak > 0)
         #expect(executor.placement.resident.count == 3)
+    }
+
+    /// Quantized experts: slots hold the packed levels and scales (the budget counts them at
+    /// that size) and every strategy still gives the plain quantized CPU path's logits.
+    @Test(arguments: [QuantFormat.q8, .q4])
+    func quantizedExpertsRunOnTheDeviceInTheirFormat(format: QuantFormat) throws {
+        let expected = try logits(plainModel(format: format))
+        #expect(try expected != logits(plainModel()))  // the quantized model really differs
+        for policy in OffloadPolicy.allCases {
+            let (model, executor, device) = try offloaded(policy, resident: 3, format: format)
+            let shape = ExpertShape(model), q = model.layers[0].experts[0].quantized!
+            #expect(shape.format == format && shape.bytes == q.byteCount && shape.bytes < 3 * shape.hidden * shape.ffn * 4)
+            #expect(try logits(model) == expected, "\(policy) \(format)")
+            let s = executor.stats
+            #expect(s.residentTokenExperts > 0 && s.fallbacks == 0, "\(s)")
+            #expect(device.memory.used["experts"] == (3 + OffloadExecutor.streamingSlots(policy)) * q.byteCount)
+            #expect(device.memory.peak <= device.memory.limit)
+        }
     }
 
     /// The bound prices experts as they were before the step: gpu-swap's copies count as
