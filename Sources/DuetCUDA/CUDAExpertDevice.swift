@@ -36,6 +36,9 @@ public final class CUDAExpertDevice: ExpertDevice {
     private var registered: [UnsafeMutableRawPointer] = []
     private var pending: (rows: Int, copied: Bool)?
     static let category = "experts", workspace = "offload workspace"
+    /// Threads for the host-side staging copies of large steps (prompts); idle while a step
+    /// is submitted and collected (the CPU's experts run between the two).
+    public var hostPool: ThreadPool?
 
     public init(gpu: GPU) throws(CUDAError) {
         self.gpu = gpu
@@ -168,7 +171,7 @@ public final class CUDAExpertDevice: ExpertDevice {
         let rows = jobs.reduce(0) { $0 + $1.tokens }
         try ensureRows(rows)
         guard let input, let output, let hostIn, let hostOut else { throw .unavailable("offload staging buffers missing") }
-        x.withUnsafeBytes { _ = memcpy(hostIn, $0.baseAddress!, rows * D * 4) }
+        x.withUnsafeBytes { copyMemory(hostIn, $0.baseAddress!, bytes: rows * D * 4, pool: hostPool) }
         try d.check(d.cuEventRecord(computeStart, compute), "cuEventRecord")
         try d.check(d.cuMemcpyHtoDAsync(input.pointer, hostIn, rows * D * 4, compute), "cuMemcpyHtoDAsync")
         var copied = false, row = 0
@@ -236,9 +239,12 @@ public final class CUDAExpertDevice: ExpertDevice {
                 try d.check(d.cuEventSynchronize(copyEnd), "cuEventSynchronize")
                 try d.check(d.cuEventElapsedTime(&copyMs, copyStart, copyEnd), "cuEventElapsedTime")
             }
-            let out = hostOut!.assumingMemoryBound(to: Float.self)
-            return DeviceResult(outputs: Array(UnsafeBufferPointer(start: out, count: rows * shape.hidden)),
-                                copySeconds: Double(copyMs) / 1000, computeSeconds: Double(computeMs) / 1000)
+            let n = rows * shape.hidden
+            let outputs = [Float](unsafeUninitializedCapacity: n) { out, count in
+                if n > 0 { copyMemory(UnsafeMutableRawPointer(out.baseAddress!), hostOut!, bytes: n * 4, pool: hostPool) }
+                count = n
+            }
+            return DeviceResult(outputs: outputs, copySeconds: Double(copyMs) / 1000, computeSeconds: Double(computeMs) / 1000)
         }
     }
 }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import DuetCore
 import DuetFormats
 import Foundation
 import Synchronization
@@ -176,6 +177,8 @@ public final class GPU: @unchecked Sendable {
     /// demand): copies from them run at full PCIe speed and asynchronously.
     private var stagingDown: (pointer: UnsafeMutableRawPointer, bytes: Int)?, stagingUp: (pointer: UnsafeMutableRawPointer, bytes: Int)?
     private var uploadDone: OpaquePointer?
+    /// Threads for the staging copies of large activations (prompts), if the owner lends them.
+    public var hostPool: ThreadPool?
 
     private func staging(_ current: inout (pointer: UnsafeMutableRawPointer, bytes: Int)?, _ bytes: Int) throws(CUDAError) -> UnsafeMutableRawPointer {
         if let c = current, c.bytes >= bytes { return c.pointer }
@@ -201,7 +204,10 @@ public final class GPU: @unchecked Sendable {
         offset = 0
         return parts.map { (_, n) in
             defer { offset += n * 4 }
-            return Array(UnsafeBufferPointer(start: (host + offset).assumingMemoryBound(to: Float.self), count: n))
+            return [Float](unsafeUninitializedCapacity: n) { out, count in
+                if n > 0 { copyMemory(UnsafeMutableRawPointer(out.baseAddress!), host + offset, bytes: n * 4, pool: hostPool) }
+                count = n
+            }
         }
     }
 
@@ -212,7 +218,7 @@ public final class GPU: @unchecked Sendable {
         if uploadDone == nil { try driver.check(driver.cuEventCreate(&uploadDone, 2), "cuEventCreate") }  // CU_EVENT_DISABLE_TIMING
         try driver.check(driver.cuEventSynchronize(uploadDone), "cuEventSynchronize")
         let host = try staging(&stagingUp, values.count * 4)
-        values.withUnsafeBytes { _ = memcpy(host, $0.baseAddress!, $0.count) }
+        values.withUnsafeBytes { copyMemory(host, $0.baseAddress!, bytes: $0.count, pool: hostPool) }
         try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, host, values.count * 4, stream), "cuMemcpyHtoDAsync")
         try driver.check(driver.cuEventRecord(uploadDone, stream), "cuEventRecord")
     }

@@ -150,3 +150,23 @@ public final class ThreadPool: @unchecked Sendable {
         }
     }
 }
+
+extension ThreadPool {
+    /// `memcpy` split over the pool in pieces of at least 1 MiB (one thread for less): the
+    /// offload path's per-layer staging copies of prompt activations (tens of MiB) are
+    /// memory-bound, and one core streams a fraction of what all of them do.
+    public func copy(_ dst: UnsafeMutableRawPointer, _ src: UnsafeRawPointer, bytes: Int) {
+        let piece = 1 << 20, pieces = min(threadCount * 4, max(1, bytes / piece))
+        guard pieces > 1 else { memcpy(dst, src, bytes); return }
+        let d = Unchecked(dst), s = Unchecked(src), per = (bytes + pieces - 1) / pieces
+        parallelFor(pieces) { i in
+            let start = i * per, n = min(per, bytes - start)
+            if n > 0 { memcpy(d.value + start, s.value + start, n) }
+        }
+    }
+}
+
+/// `memcpy`, over `pool` when one is given (`ThreadPool.copy`).
+public func copyMemory(_ dst: UnsafeMutableRawPointer, _ src: UnsafeRawPointer, bytes: Int, pool: ThreadPool?) {
+    if let pool { pool.copy(dst, src, bytes: bytes) } else { memcpy(dst, src, bytes) }
+}

@@ -375,10 +375,10 @@ public final class MixtralModel: LanguageModel {
         let start = ContinuousClock.now
         var outputs = [[Float]?](repeating: nil, count: E)
         for e in 0..<E where !assigned[e].isEmpty {
-            outputs[e] = expertFFN(gatherRows(h, assigned[e], dim: D), layer: layerIndex, expert: e, tokens: assigned[e].count)
+            outputs[e] = expertFFN(gatherRows(h, assigned[e], dim: D, pool: kernels.pool), layer: layerIndex, expert: e, tokens: assigned[e].count)
         }
         expertUsage.addCPU(tokenExperts: T * c.numExpertsPerToken, seconds: secondsSince(start))
-        return combineExperts(outputs, assigned, tokens: T, dim: D)
+        return combineExperts(outputs, assigned, tokens: T, dim: D, pool: kernels.pool)
     }
 
     /// SwiGLU expert `(layer, expert)` on the CPU: `w2(silu(w1 x) * w3 x)`, on its quantized
@@ -472,32 +472,74 @@ public func expertAssignments(_ choices: [ExpertChoice], experts E: Int) -> [[Ex
     return assigned
 }
 
-/// The rows of `h` `[T, D]` routed to one expert, packed. `[Te, D]`
-public func gatherRows(_ h: [Float], _ rows: [ExpertAssignment], dim D: Int) -> [Float] {
+/// The rows of `h` `[T, D]` routed to one expert, packed. `[Te, D]`. With `pool`, large
+/// gathers (prompts) are spread over it.
+public func gatherRows(_ h: [Float], _ rows: [ExpertAssignment], dim D: Int, pool: ThreadPool? = nil) -> [Float] {
     [Float](unsafeUninitializedCapacity: rows.count * D) { out, count in
         h.withUnsafeBufferPointer { src in
-            for (i, r) in rows.enumerated() { (out.baseAddress! + i * D).update(from: src.baseAddress! + r.token * D, count: D) }
+            let o = Unchecked(out.baseAddress!), s = Unchecked(src.baseAddress!)
+            forBlocks(rows.count, rowFloats: D, pool: pool) { range in
+                for i in range { (o.value + i * D).update(from: s.value + rows[i].token * D, count: D) }
+            }
         }
         count = rows.count * D
     }
 }
 
 /// `[T, D]`: each expert's outputs `[Te, D]` (nil where no token went) weighted by the
-/// router and summed per token in ascending expert order.
-public func combineExperts(_ outputs: [[Float]?], _ assigned: [[ExpertAssignment]], tokens T: Int, dim D: Int) -> [Float] {
+/// router and summed per token in ascending expert order. With `pool`, large steps are
+/// spread over tokens (each token's sum keeps the same order, so the result is identical).
+public func combineExperts(_ outputs: [[Float]?], _ assigned: [[ExpertAssignment]], tokens T: Int, dim D: Int,
+                           pool: ThreadPool? = nil) -> [Float] {
+    // Per token, its (expert, row) pairs in ascending expert order.
+    var terms = [[(expert: Int, row: Int, weight: Float)]](repeating: [], count: T)
+    for (e, rows) in assigned.enumerated() where outputs[e] != nil {
+        for (i, r) in rows.enumerated() { terms[r.token].append((e, i, r.weight)) }
+    }
     var out = [Float](repeating: 0, count: T * D)
-    out.withUnsafeMutableBufferPointer { o in
-        for (e, ys) in outputs.enumerated() {
-            guard let ys else { continue }
-            ys.withUnsafeBufferPointer { y in
-                for (i, r) in assigned[e].enumerated() {
-                    let dst = o.baseAddress! + r.token * D, src = y.baseAddress! + i * D, w = r.weight
-                    for j in 0..<D { dst[j] += w * src[j] }
+    withPointers(outputs) { sources in
+        out.withUnsafeMutableBufferPointer { o in
+            let base = Unchecked(o.baseAddress!), src = Unchecked(sources)
+            forBlocks(T, rowFloats: D, pool: pool) { range in
+                for t in range {
+                    let dst = base.value + t * D
+                    for term in terms[t] {
+                        let y = src.value[term.expert]! + term.row * D, w = term.weight
+                        for j in 0..<D { dst[j] += w * y[j] }
+                    }
                 }
             }
         }
     }
     return out
+}
+
+/// `body` with the base address of every array (nil where there is none), all valid at once.
+func withPointers(_ arrays: [[Float]?], _ body: ([UnsafePointer<Float>?]) -> Void) {
+    var pointers: [UnsafePointer<Float>?] = []
+    func next(_ i: Int) {
+        guard i < arrays.count else { return body(pointers) }
+        guard let a = arrays[i] else {
+            pointers.append(nil)
+            return next(i + 1)
+        }
+        a.withUnsafeBufferPointer { p in
+            pointers.append(p.baseAddress)
+            next(i + 1)
+        }
+    }
+    next(0)
+}
+
+/// Runs `body` over `0..<count` rows of `rowFloats` floats: in blocks over `pool` when the
+/// rows hold at least 1 MiB, else in one call.
+func forBlocks(_ count: Int, rowFloats: Int, pool: ThreadPool?, _ body: (Range<Int>) -> Void) {
+    guard let pool, pool.threadCount > 1, count * rowFloats * 4 >= 1 << 20 else { body(0..<count); return }
+    let blocks = min(pool.threadCount * 4, count), per = (count + blocks - 1) / blocks
+    pool.parallelFor(blocks) { b in
+        let range = min(count, b * per)..<min(count, (b + 1) * per)  // the last blocks may be empty
+        if !range.isEmpty { body(range) }
+    }
 }
 
 /// `x += y`, elementwise.

@@ -163,7 +163,7 @@ public final class OffloadExecutor: ExpertExecutor {
             let (slot, copy) = slotFor(ExpertKey(layer: l, expert: e))
             jobs.append(DeviceJob(slot: slot, copy: copy ? model.layers[l].experts[e] : nil, tokens: assignments[e].count))
         }
-        let input = gatherRows(h, deviceExperts.flatMap { assignments[$0] }, dim: D)  // [Σ Te, D] in job order
+        let input = gatherRows(h, deviceExperts.flatMap { assignments[$0] }, dim: D, pool: pool)  // [Σ Te, D] in job order
         var submitted = false
         if !jobs.isEmpty {
             do {
@@ -177,7 +177,7 @@ public final class OffloadExecutor: ExpertExecutor {
         let cpuExperts = submitted ? plan.cpu : (plan.cpu + deviceExperts).sorted()
         let cpuStart = ContinuousClock.now
         for e in cpuExperts {
-            outputs[e] = model.expertFFN(gatherRows(h, assignments[e], dim: D), layer: l, expert: e, tokens: assignments[e].count)
+            outputs[e] = model.expertFFN(gatherRows(h, assignments[e], dim: D, pool: pool), layer: l, expert: e, tokens: assignments[e].count)
         }
         let cpuSeconds = secondsSince(cpuStart)
 
@@ -187,14 +187,14 @@ public final class OffloadExecutor: ExpertExecutor {
                 let result = try device.collect()
                 var row = 0
                 for (job, e) in zip(jobs, deviceExperts) {
-                    outputs[e] = Array(result.outputs[(row * D)..<((row + job.tokens) * D)])
+                    outputs[e] = slice(result.outputs, rows: row..<(row + job.tokens), dim: D)
                     row += job.tokens
                 }
                 record(plan, assignments: assignments, result: result, rows: row)
             } catch {
                 fallBack(error, experts: deviceExperts, copied: plan.copied, layer: l)
                 for e in deviceExperts {
-                    outputs[e] = model.expertFFN(gatherRows(h, assignments[e], dim: D), layer: l, expert: e, tokens: assignments[e].count)
+                    outputs[e] = model.expertFFN(gatherRows(h, assignments[e], dim: D, pool: pool), layer: l, expert: e, tokens: assignments[e].count)
                 }
             }
             stats.deviceWaitSeconds += secondsSince(waitStart)
@@ -207,7 +207,19 @@ public final class OffloadExecutor: ExpertExecutor {
         stats.plannedSeconds += plan.makespan
         if let reference { stats.boundSeconds += ExpertPlanner.plan(loads, model: reference).makespan }
         model.expertUsage.addCPU(tokenExperts: cpuTokenExperts, seconds: cpuSeconds)
-        return combineExperts(outputs, assignments, tokens: T, dim: D)
+        return combineExperts(outputs, assignments, tokens: T, dim: D, pool: pool)
+    }
+
+    /// The model's thread pool: the host-side copies of a prompt's activations use it too.
+    private var pool: ThreadPool { model.kernels.pool }
+
+    /// Rows `rows` of `[_, D]` as their own array (copied over the pool when large).
+    private func slice(_ x: [Float], rows: Range<Int>, dim D: Int) -> [Float] {
+        guard !rows.isEmpty else { return [] }
+        return [Float](unsafeUninitializedCapacity: rows.count * D) { out, count in
+            x.withUnsafeBytes { src in pool.copy(UnsafeMutableRawPointer(out.baseAddress!), src.baseAddress! + rows.lowerBound * D * 4, bytes: rows.count * D * 4) }
+            count = rows.count * D
+        }
     }
 
     /// The policy's decision for one layer's routed experts.

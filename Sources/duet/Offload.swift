@@ -49,7 +49,9 @@ extension EngineOptions {
             return CPUExpertDevice(kernels: deviceKernels, memoryLimit: limit ?? experts / 2)
         case .gpu:
             do {
-                return try CUDAExpertDevice(gpu: GPU(memoryLimit: limit))
+                let device = try CUDAExpertDevice(gpu: GPU(memoryLimit: limit))
+                device.hostPool = kernels.pool
+                return device
             } catch {
                 Console.err("warning: --strategy \(strategy?.rawValue ?? "fiddler"): \(error); running on the CPU instead\n")
                 return nil
@@ -130,10 +132,13 @@ extension EngineOptions {
         if dense == .gpu, offloadDevice == .gpu {
             do {
                 let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseByteSize))
+                gpu.hostPool = kernels.pool
                 let context = min(maxContext, mixtral.maxPositions)
                 let model = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: context, experts: false)
                 let chunk = model.prefillChunk
-                let setup = try installOffload(policy, model: mixtral, device: try CUDAExpertDevice(gpu: GPU(sharing: gpu)),
+                let device = try CUDAExpertDevice(gpu: GPU(sharing: gpu))
+                device.hostPool = kernels.pool
+                let setup = try installOffload(policy, model: mixtral, device: device,
                                                stepTokens: chunk, reserved: GPUMixtral.workspaceBytes(mixtral.config, tokens: chunk))
                 model.gpuModel.expertExecutor = setup.executor
                 Console.err("non-expert layers and a \(context)-position KV cache on the GPU (\(gpu.budget.used["weights", default: 0] >> 20) MiB of weights); " + setup.summary + "\n")

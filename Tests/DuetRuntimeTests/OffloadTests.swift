@@ -226,3 +226,35 @@ private final class FailingDevice: ExpertDevice {
     func submit(_ jobs: [DeviceJob], input: [Float]) throws(DeviceError) { throw .failed("injected failure") }
     func collect() throws(DeviceError) -> DeviceResult { throw .failed("nothing submitted") }
 }
+
+/// The host-side gather and combine spread over a pool (prompt-sized steps) give exactly
+/// what one thread gives.
+struct ParallelHostCopyTests {
+    @Test func gatherAndCombineOverAPoolAreIdentical() {
+        // Each expert's ~75 rows of 16 KiB cross the 1 MiB line, and 75 rows do not divide
+        // into the pool's 16 blocks evenly (the last blocks are empty).
+        let T = 300, D = 4096, E = 8
+        let h = KernelSelfTest.random(T * D, seed: 5)
+        let choices = DuetCPU.routeTopK(KernelSelfTest.random(T * E, seed: 6).map { $0 * 3 }, tokens: T, experts: E, k: 2)
+        let assigned = expertAssignments(choices, experts: E)
+        let pool = ThreadPool(threads: 4)
+        var outputs: [[Float]?] = []
+        for e in 0..<E {
+            let rows = gatherRows(h, assigned[e], dim: D), pooled = gatherRows(h, assigned[e], dim: D, pool: pool)
+            #expect(rows == pooled)
+            outputs.append(assigned[e].isEmpty ? nil : rows.map { $0 * Float(e + 1) })
+        }
+        let one = combineExperts(outputs, assigned, tokens: T, dim: D), many = combineExperts(outputs, assigned, tokens: T, dim: D, pool: pool)
+        #expect(one == many)
+        // Token 0's row is its experts' weighted sum in ascending expert order.
+        let c = choices[0]
+        let expected = (0..<D).map { j in
+            zip(c.experts, c.weights).sorted { $0.0 < $1.0 }.reduce(Float(0)) { $0 + $1.1 * (h[j] * Float($1.0 + 1)) }
+        }
+        #expect(Array(one[0..<D]) == expected)
+        var copied = [UInt8](repeating: 0, count: 5 << 20)
+        let source = (0..<(5 << 20)).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        copied.withUnsafeMutableBytes { d in source.withUnsafeBytes { s in pool.copy(d.baseAddress!, s.baseAddress!, bytes: s.count) } }
+        #expect(copied == source)
+    }
+}
