@@ -80,10 +80,15 @@ public struct LatencyCalibration: Codable, Sendable, Equatable {
 extension LatencyCalibration {
     /// The CPU's time for one expert FFN at each token count: the mean over `experts`
     /// distinct experts (as in a real step: weights straight from DRAM, no warm TLB or cache),
-    /// after one warm-up call (buffers, pool).
-    public static func cpuExpertSeconds(_ model: MixtralModel, tokenCounts: [Int], experts: Int = 4) -> [Double] {
+    /// after one warm-up call (buffers, pool). `among`: the experts the CPU will really run
+    /// (the non-resident ones: their memory is the page-locked kind a run reads), spread
+    /// evenly; nil: a rotation over layers and experts.
+    public static func cpuExpertSeconds(_ model: MixtralModel, tokenCounts: [Int], experts: Int = 4, among candidates: [ExpertKey]? = nil) -> [Double] {
         let L = model.config.numHiddenLayers, E = model.config.numLocalExperts, D = model.config.hiddenSize
-        let rotation = (0..<experts).map { i in ExpertKey(layer: i % L, expert: (i / L + i) % E) }
+        var rotation = (0..<experts).map { i in ExpertKey(layer: i % L, expert: (i / L + i) % E) }
+        if let candidates, !candidates.isEmpty {
+            rotation = (0..<experts).map { i in candidates[i * candidates.count / experts] }
+        }
         return tokenCounts.map { T in
             let x = KernelSelfTest.random(T * D, seed: UInt64(T))
             _ = model.expertFFN(x, layer: 0, expert: 0, tokens: T)
@@ -129,7 +134,7 @@ extension OffloadExecutor {
         let probe = ExpertKey(layer: 0, expert: 0)
         let slot = try calibrationSlot(probe)
         // The device's best time over its slot.
-        let cpuTimes = LatencyCalibration.cpuExpertSeconds(model, tokenCounts: tokenCounts, experts: max(4, repeats))
+        let cpuTimes = LatencyCalibration.cpuExpertSeconds(model, tokenCounts: tokenCounts, experts: max(4, repeats), among: nonResident)
         var points: [LatencyCalibration.Point] = []
         for (T, cpu) in zip(tokenCounts, cpuTimes) {
             let x = KernelSelfTest.random(T * D, seed: UInt64(T))

@@ -135,17 +135,18 @@ public final class OffloadExecutor: ExpertExecutor {
         }
     }
 
+    /// The experts not placed on the device (what the CPU or the copies take), layer by layer.
+    public var nonResident: [ExpertKey] {
+        (0..<placement.layers).flatMap { l in
+            (0..<placement.experts).map { ExpertKey(layer: l, expert: $0) }.filter { !placement.isResident($0) }
+        }
+    }
+
     /// Page-locks the host memory of every expert this policy may stream (fiddler, gpu-swap);
     /// returns the bytes registered.
     public func pinStreamedExperts() -> Int {
         guard policy != .layerSplit else { return 0 }
-        var experts: [MixtralExpert] = []
-        for l in 0..<placement.layers {
-            for e in 0..<placement.experts where !placement.isResident(ExpertKey(layer: l, expert: e)) {
-                experts.append(model.layers[l].experts[e])
-            }
-        }
-        return device.pin(experts)
+        return device.pin(nonResident.map { model.layers[$0.layer].experts[$0.expert] })
     }
 
     public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float] {
@@ -203,7 +204,10 @@ public final class OffloadExecutor: ExpertExecutor {
         stats.cpuSeconds += cpuSeconds
         stats.cpuTokenExperts += cpuTokenExperts
         stats.layerSteps += 1
-        if submitted || jobs.isEmpty { refreshCPU(measured: cpuSeconds, predicted: plan.cpuSeconds) }
+        if submitted || jobs.isEmpty {
+            if plan.copied.isEmpty { refreshCPU(measured: cpuSeconds, predicted: plan.cpuSeconds) }
+            else { refreshSlowdown(measured: cpuSeconds, alone: plan.cpuSeconds / latency.cpuSlowdownWhileCopying) }
+        }
         stats.plannedSeconds += plan.makespan
         if let reference { stats.boundSeconds += ExpertPlanner.plan(loads, model: reference).makespan }
         model.expertUsage.addCPU(tokenExperts: cpuTokenExperts, seconds: cpuSeconds)
@@ -301,6 +305,17 @@ public final class OffloadExecutor: ExpertExecutor {
         guard predicted > 0, measured > 0 else { return }
         let ratio = min(4, max(0.25, measured / predicted))
         latency.cpu = latency.cpu.scaled(0.8 + 0.2 * ratio)
+    }
+
+    /// A step that copied: its CPU time against the same work's time alone is the DRAM
+    /// contention of that moment. Learned into the slowdown factor (an exponential moving
+    /// average, at least 1) rather than into the CPU's cost — otherwise contention would make
+    /// the CPU look slower on every step, which makes copying look better, which makes more
+    /// contention.
+    private func refreshSlowdown(measured: Double, alone: Double) {
+        guard alone > 0, measured > 0 else { return }
+        let ratio = min(4, max(1, measured / alone))
+        latency.cpuSlowdownWhileCopying = max(1, 0.8 * latency.cpuSlowdownWhileCopying + 0.2 * ratio)
     }
 
     /// Counts and reports a failed device step; slots that were being filled hold nothing usable.

@@ -77,7 +77,7 @@ extension EngineOptions {
                                            latency: .unmeasured, maxRows: maxRows)
         for w in executor.takeWarnings() { Console.err("warning: \(w)\n") }
         let pinStart = ContinuousClock.now
-        let pinned = executor.pinStreamedExperts()
+        let pinned = pinExperts ? executor.pinStreamedExperts() : 0
         let pinSeconds = secondsSince(pinStart)
         let source = calibrate(executor)
         return OffloadSetup(executor: executor, pinnedBytes: pinned, pinSeconds: pinSeconds, latencySource: source)
