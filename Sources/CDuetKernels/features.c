@@ -38,3 +38,19 @@ void duet_cpu_relax(void) { __builtin_ia32_pause(); }
 int64_t duet_atomic_load(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 void duet_atomic_store(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 int64_t duet_atomic_fetch_add(int64_t *p, int64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+// glibc serves allocations above its mmap threshold (at most 32 MiB by default) with fresh
+// mmap'ed pages and unmaps them on free, so a 50 MiB activation array made every layer pays
+// a page fault per 4 KiB on first touch. Raising the threshold (and the trim threshold)
+// keeps such arrays in the heap, reused without faults. Returns 1 where it took effect.
+int duet_reuse_large_allocations(void) {
+#if defined(__GLIBC__)
+    return mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 && mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1;
+#else
+    return 0;
+#endif
+}

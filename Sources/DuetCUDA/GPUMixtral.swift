@@ -53,6 +53,18 @@ public final class GPUMixtral {
     /// the layer's normed hidden state and router logits down, one of the result up.
     public var expertExecutor: (any ExpertExecutor)?
 
+    /// Where the host's time goes around the offloaded MoE layers (seconds, accumulated):
+    /// issuing a layer's dense kernels, waiting for them and copying the hidden state and
+    /// router logits down, routing on the host, and queueing the result's upload.
+    public struct OffloadTiming: Sendable {
+        public var issueSeconds = 0.0
+        public var downloadSeconds = 0.0
+        public var routeSeconds = 0.0
+        public var uploadSeconds = 0.0
+        public var layers = 0
+    }
+    public private(set) var offloadTiming = OffloadTiming()
+
     /// Uploads `model`'s weights (without the experts unless `experts`); `maxPositions`
     /// bounds the KV cache (default: the model's).
     public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil, experts uploadExperts: Bool = true) throws(CUDAError) {
@@ -125,6 +137,7 @@ public final class GPUMixtral {
         let routed = try buffer(T * D + T * c.numLocalExperts)
         let h = routed.view(offset: 0, bytes: T * D * 4), logits = routed.view(offset: T * D * 4, bytes: T * c.numLocalExperts * 4)
         for (l, layer) in layers.enumerated() {
+            let layerStart = ContinuousClock.now
             try ops.rmsNorm(x, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             try matmul(h, layer.q, q, tokens: T)
             try matmul(h, layer.k, k, tokens: T)
@@ -140,6 +153,7 @@ public final class GPUMixtral {
             try ops.rmsNorm(x, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             try matmul(h, layer.router, logits, tokens: T)
             if let executor = expertExecutor {
+                offloadTiming.issueSeconds += secondsSince(layerStart)
                 try offloadExperts(h, routerLogits: logits, layer: l, executor: executor, into: moe, tokens: T)
                 try ops.add(x, moe, count: T * D)
             } else if let tables = layer.expertTables, T <= fusedMoEMaxTokens {
@@ -177,10 +191,17 @@ public final class GPUMixtral {
     private func offloadExperts(_ h: DeviceBuffer, routerLogits: DeviceBuffer, layer l: Int, executor: any ExpertExecutor,
                                 into out: DeviceBuffer, tokens T: Int) throws(CUDAError) {
         let c = config, D = c.hiddenSize, E = c.numLocalExperts
+        var start = ContinuousClock.now
         let down = try gpu.download([(h, T * D), (routerLogits, T * E)])
-        let choices = DuetCPU.routeTopK(down[1], tokens: T, experts: E, k: c.numExpertsPerToken)
-        let y = executor.runExperts(layer: l, hidden: down[0], assignments: expertAssignments(choices, experts: E), tokens: T)
+        offloadTiming.downloadSeconds += secondsSince(start)
+        start = ContinuousClock.now
+        let assignments = expertAssignments(DuetCPU.routeTopK(down[1], tokens: T, experts: E, k: c.numExpertsPerToken), experts: E)
+        offloadTiming.routeSeconds += secondsSince(start)
+        let y = executor.runExperts(layer: l, hidden: down[0], assignments: assignments, tokens: T)
+        start = ContinuousClock.now
         try gpu.uploadAsync(y, into: out)
+        offloadTiming.uploadSeconds += secondsSince(start)
+        offloadTiming.layers += 1
     }
 
     /// Routes and runs the chosen experts on the GPU without a host round trip (bf16

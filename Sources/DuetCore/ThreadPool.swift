@@ -170,3 +170,13 @@ extension ThreadPool {
 public func copyMemory(_ dst: UnsafeMutableRawPointer, _ src: UnsafeRawPointer, bytes: Int, pool: ThreadPool?) {
     if let pool { pool.copy(dst, src, bytes: bytes) } else { memcpy(dst, src, bytes) }
 }
+
+/// Process-wide allocator settings for serving models.
+public enum HostMemory {
+    /// Large arrays (a prompt's activations, tens of MiB per layer) are reused from the heap
+    /// instead of being mapped fresh and faulted in page by page on every allocation (glibc's
+    /// default for anything above 32 MiB). Call once at start; returns whether it applied.
+    @discardableResult
+    public static func reuseLargeAllocations() -> Bool { duet_reuse_large_allocations() == 1 }
+}
+

@@ -31,6 +31,9 @@ public struct OffloadStats: Sendable, Equatable {
     /// time as the device measured it (they overlap the CPU's).
     public var cpuSeconds = 0.0
     public var deviceWaitSeconds = 0.0
+    /// Whole MoE layer steps (planning, gathering, submitting, CPU experts, waiting, combining):
+    /// minus CPU and wait, the executor's own host overhead.
+    public var stepSeconds = 0.0
     public var deviceCopySeconds = 0.0
     public var deviceComputeSeconds = 0.0
     /// Device failures that sent experts back to the CPU.
@@ -55,6 +58,7 @@ public struct OffloadStats: Sendable, Equatable {
         d.activationBytes = activationBytes - earlier.activationBytes
         d.cpuSeconds = cpuSeconds - earlier.cpuSeconds
         d.deviceWaitSeconds = deviceWaitSeconds - earlier.deviceWaitSeconds
+        d.stepSeconds = stepSeconds - earlier.stepSeconds
         d.deviceCopySeconds = deviceCopySeconds - earlier.deviceCopySeconds
         d.deviceComputeSeconds = deviceComputeSeconds - earlier.deviceComputeSeconds
         d.fallbacks = fallbacks - earlier.fallbacks
@@ -151,6 +155,8 @@ public final class OffloadExecutor: ExpertExecutor {
 
     public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float] {
         let D = model.config.hiddenSize, E = assignments.count
+        let stepStart = ContinuousClock.now
+        defer { stats.stepSeconds += secondsSince(stepStart) }
         // Residency as it stands before this step's copies change the gpu-swap caches: the
         // plan and the bound both see it.
         let loads = loads(layer: l, assignments)

@@ -71,6 +71,14 @@ struct BenchScenarios: ParsableCommand {
         var deviceWaitSeconds: Double
         var deviceCopySeconds: Double
         var otherSeconds: Double
+        /// Dense layers on the GPU: the host's time issuing them, waiting for them plus the
+        /// per-layer download, routing on the host, queueing the upload (nil: dense on the CPU).
+        var denseIssueSeconds: Double?
+        var downloadSeconds: Double?
+        var routeSeconds: Double?
+        var uploadSeconds: Double?
+        /// The executor's own host work per MoE step (plan, gather, submit, collect, combine).
+        var executorOverheadSeconds: Double?
         var hitRate: Double
         var bytesCopiedPerStep: Double
         var activationBytesPerStep: Double
@@ -97,6 +105,7 @@ struct BenchScenarios: ParsableCommand {
         var engine = self.engine
         engine.maxContext = max(engine.maxContext, scenarios().map { $0.input + $0.output * $0.width + 1 }.max() ?? 0)
         let done = try resume.map(Self.finished) ?? []
+        HostMemory.reuseLargeAllocations()
         let kernels = try engine.makeKernels()
         let start = ContinuousClock.now
         let model = try SyntheticWeights.mixtral(synthetic, layers: engine.layers, seed: engine.syntheticSeed, routerSkew: engine.routerSkew,
@@ -176,7 +185,8 @@ struct BenchScenarios: ParsableCommand {
     func measure(_ s: Scenario, strategy: Strategy, layout: DensePlacement, model: any LanguageModel, executor: OffloadExecutor?,
                  cpuBound: () -> Double, device: String, gpuMemory: String?) throws -> Row {
         let prompt = (0..<s.input).map { Int32(1 + ($0 * 7919 + s.input) % (model.vocabSize - 1)) }
-        var before = executor?.stats ?? OffloadStats(), boundBefore = cpuBound()
+        let gpuModel = (model as? GPULanguageModel)?.gpuModel
+        var before = executor?.stats ?? OffloadStats(), boundBefore = cpuBound(), timingBefore = gpuModel?.offloadTiming
         var prefill = 0.0, measured = 0.0, steps = 0
         var tokensPerSecond: Double? = nil, stepSeconds: Double? = nil
         switch s.group {
@@ -195,14 +205,14 @@ struct BenchScenarios: ParsableCommand {
         default:
             var first = true
             let r = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: s.output + 1, stopTokenIds: [])) { _ in
-                if first { before = executor?.stats ?? OffloadStats(); boundBefore = cpuBound(); first = false }
+                if first { before = executor?.stats ?? OffloadStats(); boundBefore = cpuBound(); timingBefore = gpuModel?.offloadTiming; first = false }
             }
             prefill = r.timings.prefillSeconds
             measured = r.timings.decodeSeconds
             steps = r.timings.decodeSteps
             tokensPerSecond = r.timings.decodeTokensPerSecond
         }
-        let after = executor?.stats ?? OffloadStats()
+        let after = executor?.stats ?? OffloadStats(), timing = gpuModel?.offloadTiming
         let d = after.since(before)
         let bound = executor == nil ? cpuBound() - boundBefore : d.boundSeconds
         let cpu = executor == nil ? measured : d.cpuSeconds
@@ -211,6 +221,11 @@ struct BenchScenarios: ParsableCommand {
                    decodeTokensPerSecond: tokensPerSecond, stepSeconds: stepSeconds,
                    cpuExpertSeconds: cpu, deviceWaitSeconds: d.deviceWaitSeconds, deviceCopySeconds: d.deviceCopySeconds,
                    otherSeconds: max(0, measured - cpu - d.deviceWaitSeconds),
+                   denseIssueSeconds: timing.map { $0.issueSeconds - (timingBefore?.issueSeconds ?? 0) },
+                   downloadSeconds: timing.map { $0.downloadSeconds - (timingBefore?.downloadSeconds ?? 0) },
+                   routeSeconds: timing.map { $0.routeSeconds - (timingBefore?.routeSeconds ?? 0) },
+                   uploadSeconds: timing.map { $0.uploadSeconds - (timingBefore?.uploadSeconds ?? 0) },
+                   executorOverheadSeconds: executor.map { _ in max(0, d.stepSeconds - d.cpuSeconds - d.deviceWaitSeconds) },
                    hitRate: d.hitRate, bytesCopiedPerStep: Double(d.bytesCopied) / Double(max(steps, 1)),
                    activationBytesPerStep: Double(d.activationBytes) / Double(max(steps, 1)),
                    boundSeconds: bound, measuredSeconds: measured, fraction: measured > 0 ? bound / measured : 0)
@@ -228,7 +243,8 @@ struct BenchScenarios: ParsableCommand {
     func describe(_ r: Row) -> String {
         let speed = r.decodeTokensPerSecond.map { "\(fixed($0, 2)) tok/s" } ?? r.stepSeconds.map { "\(fixed($0, 3)) s/step" } ?? "\(fixed(r.prefillSeconds, 3)) s"
         return "\(r.scenario.name.padding(18)) \(r.strategy.padding(11)) \((r.expertDtype ?? "bf16").padding(5)) \(r.layout.padding(12)) \(speed.padding(13)) prefill \(fixed(r.prefillSeconds, 2)) s | "
-            + "CPU \(fixed(r.cpuExpertSeconds, 2)) s, wait \(fixed(r.deviceWaitSeconds, 2)) s, copies \(fixed(r.deviceCopySeconds, 2)) s, other \(fixed(r.otherSeconds, 2)) s | "
+            + "CPU \(fixed(r.cpuExpertSeconds, 2)) s, wait \(fixed(r.deviceWaitSeconds, 2)) s, copies \(fixed(r.deviceCopySeconds, 2)) s, other \(fixed(r.otherSeconds, 2)) s"
+            + (r.denseIssueSeconds.map { " (dense issue \(fixed($0, 2)) s, download \(fixed(r.downloadSeconds ?? 0, 2)) s, route \(fixed(r.routeSeconds ?? 0, 2)) s, upload \(fixed(r.uploadSeconds ?? 0, 2)) s, executor \(fixed(r.executorOverheadSeconds ?? 0, 2)) s)" } ?? "") + " | "
             + "hit \(fixed(r.hitRate * 100, 1))% | \(fixed(r.bytesCopiedPerStep / 1e9, 2)) GB copied/step | bound \(fixed(r.boundSeconds, 2)) s of \(fixed(r.measuredSeconds, 2)) s = \(fixed(r.fraction, 2))"
     }
 }

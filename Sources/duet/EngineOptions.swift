@@ -116,6 +116,7 @@ struct EngineOptions: ParsableArguments {
     /// `singleSequence`: the caller runs one sequence at a time (plain generation), so an
     /// offload strategy may put the non-expert layers on the GPU.
     func load(directory resolved: String? = nil, singleSequence: Bool = false) throws -> (model: any LanguageModel, directory: String?, seconds: Double) {
+        HostMemory.reuseLargeAllocations()
         let kernels = try makeKernels()
         let start = ContinuousClock.now
         let model: any LanguageModel

@@ -257,4 +257,11 @@ struct ParallelHostCopyTests {
         copied.withUnsafeMutableBytes { d in source.withUnsafeBytes { s in pool.copy(d.baseAddress!, s.baseAddress!, bytes: s.count) } }
         #expect(copied == source)
     }
+
+    /// glibc keeps prompt-sized arrays in the heap once asked (no fresh pages per layer).
+    @Test func largeAllocationsStayInTheHeap() {
+        #if canImport(Glibc)
+        #expect(HostMemory.reuseLargeAllocations())
+        #endif
+    }
 }

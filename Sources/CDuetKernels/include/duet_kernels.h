@@ -15,6 +15,10 @@
 /// Features this CPU and OS offer (AMX permission is requested once, here).
 uint32_t duet_cpu_features(void);
 
+// Keeps large heap allocations (activations of long prompts) in the heap instead of fresh
+// mmap'ed pages per allocation (glibc; 1 where it took effect).
+int duet_reuse_large_allocations(void);
+
 /// y[t][r] = sum_k W[r][k] * x[t][k] for rows r in [r0, r1), tokens t in [0, T).
 /// W: bf16 [rows][ldw] (row stride ldw elements), x: fp32 [T][ldx], y: fp32 [T][ldy].
 void duet_matmul_bf16_avx512(const uint16_t *W, size_t ldw, size_t K, const float *x, size_t ldx,
