@@ -119,6 +119,16 @@ enum KernelSource {
     // 8w..8w+7 of the tile; in a key tile lane j scores key j, and each lane accumulates the
     // output dimensions lane + 32c. Requires d <= 128 and d % 4 == 0. Grid (ceil(T/32), H),
     // the longest query tiles first; 128 threads.
+    // Positions k0..k0+31 of head kvh of a cache [positions, Hkv, d] into a shared tile
+    // [32][33] of float4 (zeros past `last` and past d), by all the block's threads.
+    __device__ __forceinline__ void stage_kv_tile(float4 (*tile)[33], const float* cache, int k0, int last, int Hkv, int kvh, int d) {
+        for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
+            int r = i >> 5, c = i & 31;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (k0 + r <= last && c < (d >> 2)) v = ((const float4*)(cache + ((long)(k0 + r) * Hkv + kvh) * d))[c];
+            tile[r][c] = v;
+        }
+    }
     __global__ void attention_tiled(const float* q, const float* keys, const float* values, float* out,
                                     int T, int start, int H, int Hkv, int d, int window) {
         __shared__ float4 Qs[32][32];   // [query][d / 4]
@@ -141,12 +151,7 @@ enum KernelSource {
         int firstKey = window > 0 ? max(0, start + t0 - window + 1) : 0;
         for (int k0 = firstKey & ~31; k0 <= lastPos; k0 += 32) {
             __syncthreads();  // the previous tile's values are no longer read (and Qs is staged)
-            for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
-                int r = i >> 5, c = i & 31;
-                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (k0 + r <= lastPos && c < d4) v = ((const float4*)(keys + ((long)(k0 + r) * Hkv + kvh) * d))[c];
-                KV[r][c] = v;
-            }
+            stage_kv_tile(KV, keys, k0, lastPos, Hkv, kvh, d);
             __syncthreads();
             float sc[8];
             #pragma unroll
@@ -176,12 +181,7 @@ enum KernelSource {
                 m[i] = mNew;
             }
             __syncthreads();  // keys read by every warp
-            for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) {
-                int r = i >> 5, c = i & 31;
-                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (k0 + r <= lastPos && c < d4) v = ((const float4*)(values + ((long)(k0 + r) * Hkv + kvh) * d))[c];
-                KV[r][c] = v;
-            }
+            stage_kv_tile(KV, values, k0, lastPos, Hkv, kvh, d);
             __syncthreads();
             const float* V = (const float*)KV;  // row stride 132 floats
             for (int j = 0; j < 32; j++) {
