@@ -136,33 +136,37 @@ public final class GPUMixtral {
         // The normed hidden state and the router logits side by side: one wait brings both down.
         let routed = try buffer(T * D + T * c.numLocalExperts)
         let h = routed.view(offset: 0, bytes: T * D * 4), logits = routed.view(offset: T * D * 4, bytes: T * c.numLocalExperts * 4)
+        // Each residual add rides on the norm that follows it (one launch for both); an MoE
+        // output waits in `pending` for the next layer's input norm.
+        var pending: DeviceBuffer? = nil
         for (l, layer) in layers.enumerated() {
             let layerStart = ContinuousClock.now
-            try ops.rmsNorm(x, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
-            try matmul(h, layer.q, q, tokens: T)
-            try matmul(h, layer.k, k, tokens: T)
-            try matmul(h, layer.v, v, tokens: T)
-            try ops.rope(q, inverseFrequencies: inverseFrequencies, tokens: T, heads: H, headDim: d, start: start)
-            try ops.rope(k, inverseFrequencies: inverseFrequencies, tokens: T, heads: Hkv, headDim: d, start: start)
-            try ops.copy(k, into: keys[l], offset: start * Hkv * d, count: T * Hkv * d)
-            try ops.copy(v, into: values[l], offset: start * Hkv * d, count: T * Hkv * d)
+            if let p = pending {
+                try ops.addRMSNorm(x, adding: p, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
+                pending = nil
+            } else {
+                try ops.rmsNorm(x, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
+            }
+            try projectQKV(h, layer, q, k, v, tokens: T)
+            try ops.ropeStore(q: q, k: k, v: v, keys: keys[l], values: values[l], inverseFrequencies: inverseFrequencies,
+                              tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: start)
             try ops.attention(queries: q, keys: keys[l], values: values[l], out: o, tokens: T, start: start,
                               heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
             try matmul(o, layer.o, attn, tokens: T)
-            try ops.add(x, attn, count: T * D)
-            try ops.rmsNorm(x, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
+            try ops.addRMSNorm(x, adding: attn, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             try matmul(h, layer.router, logits, tokens: T)
             if let executor = expertExecutor {
                 offloadTiming.issueSeconds += secondsSince(layerStart)
                 try offloadExperts(h, routerLogits: logits, layer: l, executor: executor, into: moe, tokens: T)
-                try ops.add(x, moe, count: T * D)
+                pending = moe
             } else if let tables = layer.expertTables, T <= fusedMoEMaxTokens {
                 try fusedExperts(h, tables: tables, routerLogits: logits, addingInto: x, tokens: T)
             } else {
                 try experts(h, layer: layer, routerLogits: logits, into: moe, tokens: T)
-                try ops.add(x, moe, count: T * D)
+                pending = moe
             }
         }
+        if let p = pending { try ops.add(x, p, count: T * D) }
         length += T
         // Final norm and lm_head for the last token only.
         var last = x  // [1, D] when decoding
@@ -175,6 +179,18 @@ public final class GPUMixtral {
         try matmul(normed, lmHead, out, tokens: 1)
         lastIssueSeconds = secondsSince(issueStart)
         return try gpu.download(out, count: c.vocabSize)
+    }
+
+    /// q, k, v `[T, *]` = h W^T for the layer's three projections: one GEMV launch for all
+    /// three where they are bf16 and the step is GEMV-sized, else one matmul each.
+    private func projectQKV(_ h: DeviceBuffer, _ layer: Layer, _ q: DeviceBuffer, _ k: DeviceBuffer, _ v: DeviceBuffer, tokens T: Int) throws(CUDAError) {
+        if T < gpu.gemmMinTokens, layer.q.dtype == .bf16, layer.k.dtype == .bf16, layer.v.dtype == .bf16 {
+            return try ops.gemv3BF16(h, (layer.q.buffer, layer.k.buffer, layer.v.buffer), (q, k, v),
+                                     rows: (layer.q.rows, layer.k.rows, layer.v.rows), cols: layer.q.cols, tokens: T)
+        }
+        try matmul(h, layer.q, q, tokens: T)
+        try matmul(h, layer.k, k, tokens: T)
+        try matmul(h, layer.v, v, tokens: T)
     }
 
     private func embedRows(_ ids: DeviceBuffer, into x: DeviceBuffer, tokens T: Int) throws(CUDAError) {

@@ -93,6 +93,7 @@ public enum GPUSelfTest {
                 try ops.rope(gx, inverseFrequencies: gf, tokens: T, heads: H, headDim: d, start: start)
                 checks.append(Check(name: "rope T=\(T) heads=\(H) d=\(d) start=\(start)", error: relativeError(try gpu.download(gx, count: T * H * d), reference), tolerance: 1e-6))
             }
+            checks += try fusedDenseChecks(gpu: gpu, ops: ops, cpu: cpu)
             for n in [1, 4099] {
                 let x = KernelSelfTest.random(n, seed: 21), y = KernelSelfTest.random(n, seed: 22)
                 let gx = try gpu.upload(x, category: "workspace"), gy = try gpu.upload(y, category: "workspace")
@@ -143,6 +144,68 @@ public enum GPUSelfTest {
         } catch {
             return .failure(error)
         }
+    }
+
+    /// The decode step's fused launches against the CPU: residual add + RMSNorm, rope of q and
+    /// k with the KV cache writes (positions outside the step untouched), and the three
+    /// attention projections in one GEMV launch.
+    static func fusedDenseChecks(gpu: GPU, ops: GPUOps, cpu: CPUKernels) throws(CUDAError) -> [Check] {
+        var checks: [Check] = []
+        for (T, D) in [(1, 4096), (5, 1000)] {
+            let x = KernelSelfTest.random(T * D, seed: 51), a = KernelSelfTest.random(T * D, seed: 52)
+            let w = KernelSelfTest.random(D, seed: 53).map { 1 + 0.1 * $0 }
+            let sum = zip(x, a).map { $0 + $1 }
+            var reference = [Float](repeating: 0, count: T * D)
+            rmsNorm(sum, weight: w, eps: 1e-5, &reference, tokens: T)
+            let gx = try gpu.upload(x, category: "workspace"), ga = try gpu.upload(a, category: "workspace"), gw = try gpu.upload(w, category: "workspace")
+            let gy = try gpu.allocate(T * D * 4, category: "workspace")
+            try ops.addRMSNorm(gx, adding: ga, weight: gw, gy, tokens: T, dim: D, eps: 1e-5)
+            let error = max(relativeError(try gpu.download(gy, count: T * D), reference), relativeError(try gpu.download(gx, count: T * D), sum))
+            checks.append(Check(name: "add_rms_norm T=\(T) D=\(D)", error: error, tolerance: 1e-5))
+        }
+        for (T, H, Hkv, d, start) in [(1, 32, 8, 128, 700), (3, 4, 2, 32, 5)] {
+            let P = start + T + 2
+            let q = KernelSelfTest.random(T * H * d, seed: 61), k = KernelSelfTest.random(T * Hkv * d, seed: 62), v = KernelSelfTest.random(T * Hkv * d, seed: 63)
+            let keys = KernelSelfTest.random(P * Hkv * d, seed: 64), values = KernelSelfTest.random(P * Hkv * d, seed: 65)
+            let rope = Rope(headDim: d, theta: 1e6)
+            var rq = q, rk = k
+            rope.apply(&rq, heads: H, positions: start..<(start + T))
+            rope.apply(&rk, heads: Hkv, positions: start..<(start + T))
+            var refKeys = keys, refValues = values
+            refKeys.replaceSubrange((start * Hkv * d)..<((start + T) * Hkv * d), with: rk)
+            refValues.replaceSubrange((start * Hkv * d)..<((start + T) * Hkv * d), with: v)
+            let gq = try gpu.upload(q, category: "workspace"), gk = try gpu.upload(k, category: "workspace"), gv = try gpu.upload(v, category: "workspace")
+            let gkeys = try gpu.upload(keys, category: "kv"), gvalues = try gpu.upload(values, category: "kv")
+            let gf = try gpu.upload(rope.inverseFrequencies, category: "workspace")
+            try ops.ropeStore(q: gq, k: gk, v: gv, keys: gkeys, values: gvalues, inverseFrequencies: gf, tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: start)
+            let error = max(relativeError(try gpu.download(gq, count: T * H * d), rq), relativeError(try gpu.download(gkeys, count: P * Hkv * d), refKeys),
+                            relativeError(try gpu.download(gvalues, count: P * Hkv * d), refValues))
+            checks.append(Check(name: "rope_store T=\(T) H=\(H)/\(Hkv) d=\(d) start=\(start)", error: error, tolerance: 1e-6))
+        }
+        for (N, K, T) in [(4096, 4096, 1), (96, 200, 3)] {
+            let Ns = [N, N / 4, N / 4 + 1]
+            let x = KernelSelfTest.random(T * K, seed: 71)
+            var error = 0.0
+            var raws: [UnsafeMutableRawBufferPointer] = []
+            defer { raws.forEach { $0.deallocate() } }
+            var weights: [DeviceBuffer] = [], outputs: [DeviceBuffer] = [], references: [[Float]] = []
+            for (i, rows) in Ns.enumerated() {
+                let values = KernelSelfTest.random(rows * K, seed: UInt64(72 + i)).map(floatToBF16)
+                let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: rows * K * 2, alignment: 64)
+                raws.append(raw)
+                values.withUnsafeBytes { raw.copyMemory(from: $0) }
+                var reference = [Float](repeating: 0, count: T * rows)
+                cpu.matmul(x, WeightMatrix(TensorView(name: "w", dtype: .bf16, shape: [rows, K], base: UnsafeRawPointer(raw.baseAddress!), owner: nil)), &reference, tokens: T)
+                references.append(reference)
+                weights.append(try gpu.upload(bytes: UnsafeRawBufferPointer(raw), category: "weights"))
+                outputs.append(try gpu.allocate(T * rows * 4, category: "workspace"))
+            }
+            try ops.gemv3BF16(try gpu.upload(x, category: "workspace"), (weights[0], weights[1], weights[2]), (outputs[0], outputs[1], outputs[2]),
+                              rows: (Ns[0], Ns[1], Ns[2]), cols: K, tokens: T)
+            for i in 0..<3 { error = max(error, relativeError(try gpu.download(outputs[i], count: T * Ns[i]), references[i])) }
+            checks.append(Check(name: "gemv3_bf16 N=\(Ns) K=\(K) T=\(T)", error: error, tolerance: 1e-5))
+        }
+        return checks
     }
 
     /// q8 and q4 matrices in the CPU's packed layout: the GEMV kernels against the CPU

@@ -11,9 +11,8 @@ enum KernelSource {
         return v;
     }
 
-    // y[t, :] = w * x[t, :] / sqrt(mean(x[t, :]^2) + eps). One block of 256 threads per row.
-    __global__ void rms_norm(const float* x, const float* w, float* y, int D, float eps) {
-        const float* row = x + (long)blockIdx.x * D;
+    // y = w * row / sqrt(mean(row^2) + eps) for one row of D, by one block of 256 threads.
+    __device__ void rms_norm_row(const float* row, const float* w, float* y, int D, float eps) {
         float s = 0.f;
         for (int i = threadIdx.x; i < D; i += blockDim.x) s += row[i] * row[i];
         __shared__ float part[8];
@@ -27,7 +26,22 @@ enum KernelSource {
         }
         __syncthreads();
         float scale = rsqrtf(part[0] / D + eps);
-        for (int i = threadIdx.x; i < D; i += blockDim.x) y[(long)blockIdx.x * D + i] = w[i] * (row[i] * scale);
+        for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = w[i] * (row[i] * scale);
+    }
+
+    // y[t, :] = w * x[t, :] / sqrt(mean(x[t, :]^2) + eps). One block of 256 threads per row.
+    __global__ void rms_norm(const float* x, const float* w, float* y, int D, float eps) {
+        rms_norm_row(x + (long)blockIdx.x * D, w, y + (long)blockIdx.x * D, D, eps);
+    }
+
+    // x[t, :] += a[t, :], then y[t, :] = RMSNorm(x[t, :]) * w: a residual add and the next
+    // norm in one launch, with the same arithmetic as add_inplace then rms_norm (each thread
+    // reads back only the elements it added, so no barrier is needed in between).
+    __global__ void add_rms_norm(float* x, const float* a, const float* w, float* y, int D, float eps) {
+        float* row = x + (long)blockIdx.x * D;
+        const float* add = a + (long)blockIdx.x * D;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) row[i] += add[i];
+        rms_norm_row(row, w, y + (long)blockIdx.x * D, D, eps);
     }
 
     // g[i] = silu(g[i]) * u[i].
@@ -54,17 +68,42 @@ enum KernelSource {
         for (int i = threadIdx.x; i < D; i += blockDim.x) y[(long)blockIdx.x * D + i] = bf16_to_float(row[i]);
     }
 
-    // Rotary embedding, HF rotate-half: x [T, heads, d], token t at position start + t.
-    // inv_freq [d/2] is computed on the host (as the CPU path) so both use the same values.
-    __global__ void rope(float* x, const float* inv_freq, int heads, int d, int start) {
-        int t = blockIdx.x, h = blockIdx.y, half = d >> 1;
-        float* v = x + ((long)t * heads + h) * d;
+    // HF rotate-half rotary embedding of one head vector at position pos: dst = rope(src)
+    // (dst may be src). inv_freq [d/2] is computed on the host (as the CPU path) so both use
+    // the same values.
+    __device__ void rope_head(const float* src, float* dst, const float* inv_freq, int d, int pos) {
+        int half = d >> 1;
         for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            float angle = (float)(start + t) * inv_freq[i];
+            float angle = (float)pos * inv_freq[i];
             float c = cosf(angle), s = sinf(angle);
-            float a = v[i], b = v[i + half];
-            v[i] = a * c - b * s;
-            v[i + half] = b * c + a * s;
+            float a = src[i], b = src[i + half];
+            dst[i] = a * c - b * s;
+            dst[i + half] = b * c + a * s;
+        }
+    }
+
+    // Rotary embedding in place: x [T, heads, d], token t at position start + t.
+    __global__ void rope(float* x, const float* inv_freq, int heads, int d, int start) {
+        float* v = x + ((long)blockIdx.x * heads + blockIdx.y) * d;
+        rope_head(v, v, inv_freq, d, start + blockIdx.x);
+    }
+
+    // One step's rotary embedding and KV cache writes in one launch. Block (t, j): j < H
+    // rotates query head j in place; H <= j < H + Hkv rotates key head j - H straight into the
+    // key cache at position start + t; the rest copy value head j - H - Hkv into the value
+    // cache. Same arithmetic as rope() then copy_floats().
+    __global__ void rope_store(float* q, const float* k, const float* v, float* keys, float* values,
+                               const float* inv_freq, int H, int Hkv, int d, int start) {
+        int t = blockIdx.x, j = blockIdx.y, pos = start + t;
+        if (j < H) {
+            float* head = q + ((long)t * H + j) * d;
+            rope_head(head, head, inv_freq, d, pos);
+        } else if (j < H + Hkv) {
+            rope_head(k + ((long)t * Hkv + (j - H)) * d, keys + ((long)pos * Hkv + (j - H)) * d, inv_freq, d, pos);
+        } else {
+            const float* src = v + ((long)t * Hkv + (j - H - Hkv)) * d;
+            float* dst = values + ((long)pos * Hkv + (j - H - Hkv)) * d;
+            for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
         }
     }
 
@@ -257,12 +296,6 @@ enum KernelSource {
     __global__ void scatter_add_rows(float* out, const float* y, const int* idx, const float* w, int D) {
         float* dst = out + (long)idx[blockIdx.x] * D;
         for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] += w[blockIdx.x] * y[(long)blockIdx.x * D + i];
-    }
-
-    // dst[offset + i] = src[i].
-    __global__ void copy_floats(float* dst, const float* src, long offset, long n) {
-        long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-        if (i < n) dst[offset + i] = src[i];
     }
 
     // x[i] += y[i].
@@ -517,10 +550,8 @@ enum KernelSource {
     // every token of the row in the same warp (the weights are read once for all T <= 8).
     // Where K is a multiple of 8 and both operands are 16-byte aligned, each lane loads 8 weights
     // (16 bytes) at a time, so a warp reads 512 contiguous bytes per load instead of 64.
-    __global__ void gemv_bf16(const unsigned short* W, const float* x, float* y, int N, int K, int T) {
-        int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    __device__ void gemv_bf16_row(const unsigned short* W, const float* x, float* y, int n, int N, int K, int T) {
         int lane = threadIdx.x & 31;
-        if (n >= N) return;
         const unsigned short* row = W + (long)n * K;
         bool wide = (K & 7) == 0 && ((((unsigned long long)W) | ((unsigned long long)x)) & 15) == 0;
         for (int t0 = 0; t0 < T; t0 += 8) {
@@ -553,6 +584,20 @@ enum KernelSource {
             }
         }
     }
+    __global__ void gemv_bf16(const unsigned short* W, const float* x, float* y, int N, int K, int T) {
+        int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+        if (n < N) gemv_bf16_row(W, x, y, n, N, K, T);
+    }
+
+    // Three GEMVs over the same x in one launch (attention's q, k and v projections): warp
+    // row r < N0 is W0's row r, then W1's, then W2's; each as gemv_bf16 computes it.
+    __global__ void gemv3_bf16(const unsigned short* W0, const unsigned short* W1, const unsigned short* W2, const float* x,
+                               float* y0, float* y1, float* y2, int N0, int N1, int N2, int K, int T) {
+        int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+        if (r < N0) gemv_bf16_row(W0, x, y0, r, N0, K, T);
+        else if (r < N0 + N1) gemv_bf16_row(W1, x, y1, r - N0, N1, K, T);
+        else if (r < N0 + N1 + N2) gemv_bf16_row(W2, x, y2, r - N0 - N1, N2, K, T);
+    }
     }
     """
 }
@@ -580,6 +625,35 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(x); a.add(weight); a.add(y); a.add(Int32(D)); a.add(eps)
         try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// x `[T, D]` += a, then y = RMSNorm(x) with weight `[D]` (one launch).
+    public func addRMSNorm(_ x: DeviceBuffer, adding a: DeviceBuffer, weight: DeviceBuffer, _ y: DeviceBuffer, tokens T: Int, dim D: Int, eps: Float) throws(CUDAError) {
+        let f = try gpu.function("add_rms_norm", in: KernelSource.common)
+        let args = KernelArguments()
+        args.add(x); args.add(a); args.add(weight); args.add(y); args.add(Int32(D)); args.add(eps)
+        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (256, 1, 1), arguments: args.pointers)
+    }
+
+    /// Rotates q `[T, H, d]` in place and k `[T, Hkv, d]` into the key cache, and copies v
+    /// into the value cache, at positions `start..<start+T` (one launch; caches `[P, Hkv, d]`).
+    public func ropeStore(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, inverseFrequencies: DeviceBuffer,
+                          tokens T: Int, heads H: Int, kvHeads Hkv: Int, headDim d: Int, start: Int) throws(CUDAError) {
+        let f = try gpu.function("rope_store", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(q); a.add(k); a.add(v); a.add(keys); a.add(values); a.add(inverseFrequencies)
+        a.add(Int32(H)); a.add(Int32(Hkv)); a.add(Int32(d)); a.add(Int32(start))
+        try gpu.launch(f, grid: (UInt32(T), UInt32(H + 2 * Hkv), 1), block: (64, 1, 1), arguments: a.pointers)
+    }
+
+    /// Three bf16 GEMVs over the same x `[T, K]` in one launch: y_i `[T, N_i]` = x W_i^T.
+    public func gemv3BF16(_ x: DeviceBuffer, _ w: (DeviceBuffer, DeviceBuffer, DeviceBuffer), _ y: (DeviceBuffer, DeviceBuffer, DeviceBuffer),
+                          rows N: (Int, Int, Int), cols K: Int, tokens T: Int) throws(CUDAError) {
+        let f = try gpu.function("gemv3_bf16", in: KernelSource.common)
+        let a = KernelArguments()
+        a.add(w.0); a.add(w.1); a.add(w.2); a.add(x); a.add(y.0); a.add(y.1); a.add(y.2)
+        a.add(Int32(N.0)); a.add(Int32(N.1)); a.add(Int32(N.2)); a.add(Int32(K)); a.add(Int32(T))
+        try gpu.launch(f, grid: (UInt32((N.0 + N.1 + N.2 + 7) / 8), 1, 1), block: (256, 1, 1), arguments: a.pointers)
     }
 
     /// g = silu(g) * u, n elements.
@@ -682,14 +756,6 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(out); a.add(y); a.add(indices); a.add(weights); a.add(Int32(D))
         try gpu.launch(f, grid: (UInt32(M), 1, 1), block: (256, 1, 1), arguments: a.pointers)
-    }
-
-    /// dst[offset..<offset+n] = src[0..<n] (floats).
-    public func copy(_ src: DeviceBuffer, into dst: DeviceBuffer, offset: Int, count n: Int) throws(CUDAError) {
-        let f = try gpu.function("copy_floats", in: KernelSource.common)
-        let a = KernelArguments()
-        a.add(dst); a.add(src); a.add(Int64(offset)); a.add(Int64(n))
-        try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
     }
 
     /// h `[T * k, F]` = silu(W1 x) * (W3 x) for each token's k chosen experts (`ids` `[T, k]`
