@@ -2,9 +2,7 @@
 # One device call: CPU kernel checks and benchmarks on the GPU host (16 cores).
 # Carry .device (the stripped, gzipped static binary). Writes $OUT/*.json and logs.
 set -u
-gunzip -f .device/duet.gz && chmod +x .device/duet
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-D=.device/duet
+source "$(dirname "$0")/device_env.sh"
 lscpu | grep -E "Model name|^CPU\(s\)|Flags" | sed 's/Flags:.*\(amx[^ ]*\).*/amx: \1/' | head -4
 $D selftest --gpu 2>&1 | tee $OUT/selftest.log | tail -4
 $D bench memory --gib 4 --repeats 5 2>&1 | tee $OUT/memory.log

@@ -4,10 +4,7 @@
 # scripts/build_device_binary.sh and carry .device. Writes logs and JSON rows to $OUT.
 #   LAYERS=8 TOKENS=32 bash scripts/device_gpu_bench.sh
 set -u
-gunzip -f .device/duet.gz 2>/dev/null; chmod +x .device/duet
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-D=.device/duet
-OUT=${OUT:-/tmp}
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $D selftest --gpu 2>&1 | tee $OUT/selftest.log | grep -E "FAIL|fused|passed|failed" | tail -8
 $D bench decode --synthetic mixtral-8x7b --layers "${LAYERS:-8}" --strategy gpu-only --tokens "${TOKENS:-32}" 2>&1 | tee $OUT/decode_gpu.log | grep -v '^{'

@@ -6,10 +6,7 @@
 # .device. Logs go to $OUT.
 #   TOKENS=32 STRATEGIES="fiddler layer-split gpu-swap" bash scripts/device_offload.sh
 set -u
-gunzip -f .device/duet.gz 2>/dev/null; chmod +x .device/duet
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-D=.device/duet
-OUT=${OUT:-/tmp}
+source "$(dirname "$0")/device_env.sh"
 M="--synthetic mixtral-8x7b --gpu-memory ${GPU_MEMORY:-24GiB}"
 PROMPT=$(seq -s, 1 37 1200)  # 33 token ids
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -5,10 +5,7 @@
 # Build first with scripts/build_device_binary.sh and carry .device. Logs and rows go to $OUT.
 #   DTYPES="q4 q8" ONLY="single 32/64" bash scripts/device_quantized.sh
 set -u
-gunzip -f .device/duet.gz 2>/dev/null; chmod +x .device/duet
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-D=.device/duet
-OUT=${OUT:-/tmp}
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "${SELFTEST:-1}" = 1 ]; then
   $D selftest --gpu > $OUT/selftest.log 2>&1
