@@ -100,10 +100,12 @@ public enum GPUSelfTest {
                 try ops.add(gx, gy, count: n)
                 checks.append(Check(name: "add n=\(n)", error: relativeError(try gpu.download(gx, count: n), zip(x, y).map { $0 + $1 }), tolerance: 1e-7))
             }
-            // From 16 queries the tiled kernel: partial tiles, windows cutting tiles, d < 128.
+            // From 16 queries (or past 12288 positions) the tiled kernel: partial tiles, windows
+            // cutting tiles, d < 128.
             for (T, start, H, Hkv, d, window) in [(1, 40, 32, 8, 128, nil), (7, 0, 4, 2, 24, nil), (5, 11, 4, 2, 32, 8 as Int?),
                                                   (40, 0, 32, 8, 128, nil), (77, 100, 4, 2, 24, nil), (50, 30, 4, 2, 32, 20 as Int?),
-                                                  (300, 0, 8, 2, 128, nil), (16, 1000, 4, 1, 64, 100 as Int?)] {
+                                                  (300, 0, 8, 2, 128, nil), (16, 1000, 4, 1, 64, 100 as Int?),
+                                                  (1, 13000, 8, 2, 128, nil)] {  // decode past the per-query kernel's 12288 positions
                 let P = start + T
                 let q = KernelSelfTest.random(T * H * d, seed: 31), k = KernelSelfTest.random(P * Hkv * d, seed: 32)
                 let v = KernelSelfTest.random(P * Hkv * d, seed: 33)

@@ -675,12 +675,16 @@ public struct GPUOps {
     /// From this many queries (prompts) attention runs tiled: keys staged once per 32 queries,
     /// no score buffer (the one-block-per-query kernel re-reads every key for every query).
     public static let tiledAttentionMinTokens = 16
+    /// Shared memory a kernel may use without opting in: the per-query kernel's score limit.
+    static let scoreSharedBytes = 48 * 1024
 
     /// Causal GQA attention of `T` queries (positions `start...`) over a contiguous cache
     /// `[start + T, Hkv, d]`. window nil: full causal.
     public func attention(queries q: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, out: DeviceBuffer,
                           tokens T: Int, start: Int, heads H: Int, kvHeads: Int, headDim d: Int, window: Int?) throws(CUDAError) {
-        if T >= Self.tiledAttentionMinTokens, d <= 128, d % 4 == 0 {
+        // The per-query kernel keeps all scores in shared memory (48 KiB: 12288 positions);
+        // longer caches take the tiled kernel for decode too.
+        if T >= Self.tiledAttentionMinTokens || (start + T) * 4 > Self.scoreSharedBytes, d <= 128, d % 4 == 0 {
             let f = try gpu.function("attention_tiled", in: KernelSource.common)
             let a = KernelArguments()
             a.add(q); a.add(keys); a.add(values); a.add(out)
