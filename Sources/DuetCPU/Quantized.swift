@@ -141,8 +141,7 @@ public final class QuantizedMatrix: @unchecked Sendable {
     }
 }
 
-/// A 64-byte aligned heap buffer, zero-filled, freed with its owner.
-/// Zero-filled whole pages, so the buffer can be page-locked for DMA (cuMemHostRegister works
+/// Zero-filled whole pages, freed with their owner, so the buffer can be page-locked for DMA (cuMemHostRegister works
 /// on pages) without sharing a page with other heap data that may be registered or freed
 /// separately. From 4 MiB on (a full-size expert matrix) transparent huge pages, as the
 /// stored weights get, so the kernels' streams do not miss the TLB every 4 KiB.

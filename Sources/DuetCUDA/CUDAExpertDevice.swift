@@ -73,8 +73,8 @@ public final class CUDAExpertDevice: ExpertDevice {
     /// activations rounded to bf16 for cuBLAS (a recycled workspace buffer, a power of two),
     /// and for quantized experts one matrix dequantized to bf16 (what cuBLAS multiplies).
     public static func workspaceBytes(shape: ExpertShape, maxRows: Int) -> Int {
-        let chunk = min(maxRows, Self.chunkRows), activations = max(256, chunk * max(shape.hidden, shape.ffn) * 2)
-        return 2 * maxRows * shape.hidden * 4 + 2 * chunk * shape.ffn * 4 + (1 << (Int.bitWidth - (activations - 1).leadingZeroBitCount))
+        let chunk = min(maxRows, Self.chunkRows)
+        return 2 * maxRows * shape.hidden * 4 + 2 * chunk * shape.ffn * 4 + GPU.workspaceSizeClass(chunk * max(shape.hidden, shape.ffn) * 2)
             + (shape.format != nil ? shape.hidden * shape.ffn * 2 : 0)
     }
 

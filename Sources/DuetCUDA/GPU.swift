@@ -121,10 +121,16 @@ public final class GPU: @unchecked Sendable {
 
     // MARK: memory
 
+    /// Bytes a workspace allocation of `requested` bytes takes: its size class, the next
+    /// power of two (at least 256), so budgets that keep workspace free count it the same way.
+    public static func workspaceSizeClass(_ requested: Int) -> Int {
+        max(256, 1 << (Int.bitWidth - (max(requested, 1) - 1).leadingZeroBitCount))
+    }
+
     public func allocate(_ requested: Int, category: String) throws(CUDAError) -> DeviceBuffer {
         var bytes = requested
         if category == GPU.workspace {
-            bytes = max(256, 1 << (Int.bitWidth - (max(requested, 1) - 1).leadingZeroBitCount))
+            bytes = Self.workspaceSizeClass(requested)
             if let p = reuseWorkspace(bytes) { return DeviceBuffer(gpu: self, pointer: p, bytes: bytes, category: category) }
             if budget.total + bytes > budget.limit { releaseWorkspaceCache() }
         }

@@ -61,7 +61,12 @@ public final class GPUMixtral {
         public var downloadSeconds = 0.0
         public var routeSeconds = 0.0
         public var uploadSeconds = 0.0
-        public var layers = 0
+        /// What accumulated after `earlier` (nil: from the start).
+        public func since(_ earlier: OffloadTiming?) -> OffloadTiming {
+            guard let earlier else { return self }
+            return OffloadTiming(issueSeconds: issueSeconds - earlier.issueSeconds, downloadSeconds: downloadSeconds - earlier.downloadSeconds,
+                                 routeSeconds: routeSeconds - earlier.routeSeconds, uploadSeconds: uploadSeconds - earlier.uploadSeconds)
+        }
     }
     public private(set) var offloadTiming = OffloadTiming()
 
@@ -100,7 +105,7 @@ public final class GPUMixtral {
     /// Workspace a forward of `tokens` tokens allocates (the recycled buffers are rounded up
     /// to powers of two), so a budget can keep it free.
     public static func workspaceBytes(_ c: MixtralConfiguration, tokens T: Int) -> Int {
-        func rounded(_ floats: Int) -> Int { max(256, 1 << (Int.bitWidth - (max(floats * 4, 1) - 1).leadingZeroBitCount)) }
+        func rounded(_ floats: Int) -> Int { GPU.workspaceSizeClass(floats * 4) }
         let D = c.hiddenSize, qd = c.numAttentionHeads * c.headDim, kvd = c.numKeyValueHeads * c.headDim
         return rounded(T) + 3 * rounded(T * D) + rounded(T * D + T * c.numLocalExperts) + 2 * rounded(T * qd) + 2 * rounded(T * kvd)
             + 2 * rounded(D) + rounded(c.vocabSize) + rounded(1)
@@ -217,7 +222,6 @@ public final class GPUMixtral {
         start = ContinuousClock.now
         try gpu.uploadAsync(y, into: out)
         offloadTiming.uploadSeconds += secondsSince(start)
-        offloadTiming.layers += 1
     }
 
     /// Routes and runs the chosen experts on the GPU without a host round trip (bf16

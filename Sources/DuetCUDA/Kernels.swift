@@ -82,16 +82,10 @@ enum KernelSource {
         }
     }
 
-    // Rotary embedding in place: x [T, heads, d], token t at position start + t.
-    __global__ void rope(float* x, const float* inv_freq, int heads, int d, int start) {
-        float* v = x + ((long)blockIdx.x * heads + blockIdx.y) * d;
-        rope_head(v, v, inv_freq, d, start + blockIdx.x);
-    }
-
     // One step's rotary embedding and KV cache writes in one launch. Block (t, j): j < H
     // rotates query head j in place; H <= j < H + Hkv rotates key head j - H straight into the
     // key cache at position start + t; the rest copy value head j - H - Hkv into the value
-    // cache. Same arithmetic as rope() then copy_floats().
+    // cache (the selftest checks it against DuetCPU's Rope.apply).
     __global__ void rope_store(float* q, const float* k, const float* v, float* keys, float* values,
                                const float* inv_freq, int H, int Hkv, int d, int start) {
         int t = blockIdx.x, j = blockIdx.y, pos = start + t;
@@ -662,14 +656,6 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(g); a.add(u); a.add(Int32(n))
         try gpu.launch(f, grid: (UInt32((n + 255) / 256), 1, 1), block: (256, 1, 1), arguments: a.pointers)
-    }
-
-    /// Rotates x `[T, heads, d]` in place at positions `start..<start+T`.
-    public func rope(_ x: DeviceBuffer, inverseFrequencies: DeviceBuffer, tokens T: Int, heads: Int, headDim d: Int, start: Int) throws(CUDAError) {
-        let f = try gpu.function("rope", in: KernelSource.common)
-        let a = KernelArguments()
-        a.add(x); a.add(inverseFrequencies); a.add(Int32(heads)); a.add(Int32(d)); a.add(Int32(start))
-        try gpu.launch(f, grid: (UInt32(T), UInt32(heads), 1), block: (64, 1, 1), arguments: a.pointers)
     }
 
     /// From this many queries (prompts) attention runs tiled: keys staged once per 32 queries,

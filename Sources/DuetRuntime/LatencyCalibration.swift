@@ -133,10 +133,10 @@ extension OffloadExecutor {
         let D = shape.hidden
         let probe = ExpertKey(layer: 0, expert: 0)
         let slot = try calibrationSlot(probe)
-        // The device's best time over its slot.
         let cpuTimes = LatencyCalibration.cpuExpertSeconds(model, tokenCounts: tokenCounts, experts: max(4, repeats), among: nonResident)
         var points: [LatencyCalibration.Point] = []
         for (T, cpu) in zip(tokenCounts, cpuTimes) {
+            // The device's best time over its slot.
             let x = KernelSelfTest.random(T * D, seed: UInt64(T))
             var onDevice = Double.infinity
             do {

@@ -212,7 +212,7 @@ struct BenchScenarios: ParsableCommand {
             steps = r.timings.decodeSteps
             tokensPerSecond = r.timings.decodeTokensPerSecond
         }
-        let after = executor?.stats ?? OffloadStats(), timing = gpuModel?.offloadTiming
+        let after = executor?.stats ?? OffloadStats(), timing = gpuModel?.offloadTiming.since(timingBefore)
         let d = after.since(before)
         let bound = executor == nil ? cpuBound() - boundBefore : d.boundSeconds
         let cpu = executor == nil ? measured : d.cpuSeconds
@@ -221,10 +221,8 @@ struct BenchScenarios: ParsableCommand {
                    decodeTokensPerSecond: tokensPerSecond, stepSeconds: stepSeconds,
                    cpuExpertSeconds: cpu, deviceWaitSeconds: d.deviceWaitSeconds, deviceCopySeconds: d.deviceCopySeconds,
                    otherSeconds: max(0, measured - cpu - d.deviceWaitSeconds),
-                   denseIssueSeconds: timing.map { $0.issueSeconds - (timingBefore?.issueSeconds ?? 0) },
-                   downloadSeconds: timing.map { $0.downloadSeconds - (timingBefore?.downloadSeconds ?? 0) },
-                   routeSeconds: timing.map { $0.routeSeconds - (timingBefore?.routeSeconds ?? 0) },
-                   uploadSeconds: timing.map { $0.uploadSeconds - (timingBefore?.uploadSeconds ?? 0) },
+                   denseIssueSeconds: timing?.issueSeconds, downloadSeconds: timing?.downloadSeconds,
+                   routeSeconds: timing?.routeSeconds, uploadSeconds: timing?.uploadSeconds,
                    executorOverheadSeconds: executor.map { _ in max(0, d.stepSeconds - d.cpuSeconds - d.deviceWaitSeconds) },
                    hitRate: d.hitRate, bytesCopiedPerStep: Double(d.bytesCopied) / Double(max(steps, 1)),
                    activationBytesPerStep: Double(d.activationBytes) / Double(max(steps, 1)),

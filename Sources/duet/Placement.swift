@@ -127,11 +127,9 @@ struct Plan: ParsableCommand {
             return p
         }
         var rows: [Row] = []
-        let formats: [(String, Int)] = [("bf16", 3 * D * F * 2)] + QuantFormat.allCases.map { f in
-            (f.rawValue, 2 * QuantizedMatrix.byteCount(format: f, rows: F, cols: D) + QuantizedMatrix.byteCount(format: f, rows: D, cols: F))
-        }
-        for (name, bytes) in formats {
-            let shape = ExpertShape(hidden: D, ffn: F, dtype: .bf16)
+        let shapes = [ExpertShape(hidden: D, ffn: F, dtype: .bf16)] + QuantFormat.allCases.map { ExpertShape(hidden: D, ffn: F, dtype: .bf16, format: $0) }
+        for shape in shapes {
+            let name = shape.format?.rawValue ?? "bf16", bytes = shape.bytes
             let reserved = CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: maxTokens * c.numExpertsPerToken)
                 + OffloadExecutor.streamingSlots(policy) * bytes
             let capacity = ExpertPlacement.capacity(budget: budget, reserved: reserved, bytesPerExpert: bytes, total: L * E)
