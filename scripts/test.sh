@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): the Swift tests, then the server's end-to-end test
-# with the official `openai` Python client against a running `duet serve`.
+# The test command (README, .ci/run): the Swift tests, the CLI's errors on bad flags, then
+# the server's end-to-end test with the official `openai` Python client against a running
+# `duet serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 swift test
 
 swift build --product duet
+bash scripts/test_cli_errors.sh "$(swift build --product duet --show-bin-path)/duet"
 venv=.build/e2e-venv
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Bad command-line input gets one clear error and a non-zero exit (run by scripts/test.sh):
+# each case names the flag combination and a phrase the error must contain.
+set -uo pipefail
+duet="$1"
+failed=0
+expect_error() {
+    local phrase="$1"; shift
+    local out
+    if out=$("$duet" "$@" 2>&1); then
+        echo "FAIL: '$*' succeeded"; failed=1
+    elif ! grep -qF -- "$phrase" <<<"$out"; then
+        echo "FAIL: '$*' did not say '$phrase':"; echo "$out" | tail -3; failed=1
+    else
+        echo "ok: $*"
+    fi
+}
+expect_error "--strategy gpu-only runs the experts as stored" generate --strategy gpu-only --expert-dtype q8 --prompt hi
+expect_error "--gpu-memory must look like" generate --strategy fiddler --offload-device cpu --gpu-memory lots --prompt hi
+expect_error "unknown synthetic geometry" bench scenarios --synthetic mixtral-9x9b --expert-dtype q4 --strategies cpu-only
+exit $failed
