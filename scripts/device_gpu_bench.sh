@@ -6,6 +6,6 @@
 set -u
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-$D selftest --gpu 2>&1 | tee $OUT/selftest.log | grep -E "FAIL|fused|passed|failed" | tail -8
-$D bench decode --synthetic mixtral-8x7b --layers "${LAYERS:-8}" --strategy gpu-only --tokens "${TOKENS:-32}" 2>&1 | tee $OUT/decode_gpu.log | grep -v '^{'
+$D selftest --gpu --verbose 2>&1 | tee $OUT/selftest.log | grep -E "FAIL|fused|graph|passed|failed" | tail -8
+$D bench decode --synthetic mixtral-8x7b --layers "${LAYERS:-8}" --strategy gpu-only --tokens "${TOKENS:-32}" --kernel-times 2>&1 | tee $OUT/decode_gpu.log | grep -v '^{'
 grep '^{' $OUT/decode_gpu.log > $OUT/decode_gpu.jsonl

@@ -65,6 +65,7 @@ final class CUDADriver: @unchecked Sendable {
     let cuGetErrorName: @convention(c) (Int32, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Int32
     // Streams, events, asynchronous copies and page-locked host memory (the offload device).
     let cuStreamCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Int32
+    let cuStreamDestroy: @convention(c) (OpaquePointer?) -> Int32
     let cuStreamWaitEvent: @convention(c) (OpaquePointer?, OpaquePointer?, UInt32) -> Int32
     let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> Int32
     let cuEventCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Int32
@@ -78,6 +79,16 @@ final class CUDADriver: @unchecked Sendable {
     let cuMemFreeHost: @convention(c) (UnsafeMutableRawPointer?) -> Int32
     let cuMemHostRegister: @convention(c) (UnsafeMutableRawPointer?, Int, UInt32) -> Int32
     let cuMemHostUnregister: @convention(c) (UnsafeMutableRawPointer?) -> Int32
+    /// Stream capture into CUDA graphs (nil where the driver lacks them: steps run launch by launch).
+    struct Graphs {
+        let beginCapture: @convention(c) (OpaquePointer?, Int32) -> Int32
+        let endCapture: @convention(c) (OpaquePointer?, UnsafeMutablePointer<OpaquePointer?>) -> Int32
+        let instantiate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UInt64) -> Int32
+        let launch: @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
+        let destroyGraph: @convention(c) (OpaquePointer?) -> Int32
+        let destroyExec: @convention(c) (OpaquePointer?) -> Int32
+    }
+    let graphs: Graphs?
 
     init() throws(CUDAError) {
         let library = try SharedLibrary(["libcuda.so.1", "libcuda.so"], label: "libcuda",
@@ -102,6 +113,7 @@ final class CUDADriver: @unchecked Sendable {
         cuCtxSynchronize = try sym("cuCtxSynchronize", type(of: cuCtxSynchronize))
         cuGetErrorName = try sym("cuGetErrorName", type(of: cuGetErrorName))
         cuStreamCreate = try sym("cuStreamCreate", type(of: cuStreamCreate))
+        cuStreamDestroy = try sym("cuStreamDestroy_v2", type(of: cuStreamDestroy))
         cuStreamWaitEvent = try sym("cuStreamWaitEvent", type(of: cuStreamWaitEvent))
         cuStreamSynchronize = try sym("cuStreamSynchronize", type(of: cuStreamSynchronize))
         cuEventCreate = try sym("cuEventCreate", type(of: cuEventCreate))
@@ -115,6 +127,12 @@ final class CUDADriver: @unchecked Sendable {
         cuMemFreeHost = try sym("cuMemFreeHost", type(of: cuMemFreeHost))
         cuMemHostRegister = try sym("cuMemHostRegister_v2", type(of: cuMemHostRegister))
         cuMemHostUnregister = try sym("cuMemHostUnregister", type(of: cuMemHostUnregister))
+        graphs = try? Graphs(beginCapture: sym("cuStreamBeginCapture_v2", (@convention(c) (OpaquePointer?, Int32) -> Int32).self),
+                             endCapture: sym("cuStreamEndCapture", (@convention(c) (OpaquePointer?, UnsafeMutablePointer<OpaquePointer?>) -> Int32).self),
+                             instantiate: sym("cuGraphInstantiateWithFlags", (@convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UInt64) -> Int32).self),
+                             launch: sym("cuGraphLaunch", (@convention(c) (OpaquePointer?, OpaquePointer?) -> Int32).self),
+                             destroyGraph: sym("cuGraphDestroy", (@convention(c) (OpaquePointer?) -> Int32).self),
+                             destroyExec: sym("cuGraphExecDestroy", (@convention(c) (OpaquePointer?) -> Int32).self))
     }
 
     /// Turns a CUresult into an error naming the call.

@@ -84,6 +84,7 @@ public final class GPU: @unchecked Sendable {
     public let driverVersion: Int
     public let budget: GPUMemoryBudget
     private var functions: [String: OpaquePointer] = [:]
+    private var functionNames: [OpaquePointer: String] = [:]
     private var modules: [UInt64: OpaquePointer] = [:]  // by source hash
     /// The category whose buffers are recycled: a decode step allocates the same shapes every
     /// time, and cuMemAlloc/cuMemFree are slow and synchronise the device, so freed workspace
@@ -285,6 +286,7 @@ public final class GPU: @unchecked Sendable {
         var f: OpaquePointer? = nil
         try driver.check(driver.cuModuleGetFunction(&f, module, name), "cuModuleGetFunction(\(name))")
         functions[name] = f
+        functionNames[f!] = name
         return f!
     }
 
@@ -350,10 +352,58 @@ public final class GPU: @unchecked Sendable {
         try driver.check(args.withUnsafeMutableBufferPointer {
             driver.cuLaunchKernel(function, grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes, stream, $0.baseAddress, nil)
         }, "cuLaunchKernel")
+        if kernelTimer != nil { try timeLast(functionNames[function] ?? "kernel") }
     }
 
     /// Counts a launch made outside `launch` (cuBLAS).
-    func countLaunch() { launches += 1 }
+    func countLaunch() throws(CUDAError) {
+        launches += 1
+        if kernelTimer != nil { try timeLast("cublas_gemm") }
+    }
+
+    // MARK: per-kernel timing
+
+    /// Device time per kernel: while timing, an event follows every launch, so a kernel's time
+    /// is from the previous event to its own — its run plus the gap before it (the launch
+    /// latency a CUDA graph removes). The times add up to the stream's whole span.
+    public struct KernelTime: Sendable {
+        public let name: String
+        public var launches: Int
+        public var seconds: Double
+    }
+    private var kernelTimer: [(name: String, event: OpaquePointer?)]?
+    /// Whether every launch is being timed (steps then run launch by launch, not as graphs).
+    public var timesKernels: Bool { kernelTimer != nil }
+
+    /// Starts timing every launch on this GPU's stream (from an event recorded now).
+    public func startKernelTimer() throws(CUDAError) {
+        kernelTimer = []
+        try timeLast("start")
+    }
+
+    private func timeLast(_ name: String) throws(CUDAError) {
+        var e: OpaquePointer? = nil
+        try driver.check(driver.cuEventCreate(&e, 0), "cuEventCreate")
+        try driver.check(driver.cuEventRecord(e, stream), "cuEventRecord")
+        kernelTimer?.append((name, e))
+    }
+
+    /// Stops timing and returns the time per kernel name, in the order first launched.
+    public func stopKernelTimer() throws(CUDAError) -> [KernelTime] {
+        guard let marks = kernelTimer, let last = marks.last else { return [] }
+        kernelTimer = nil
+        defer { for m in marks { _ = driver.cuEventDestroy(m.event) } }
+        try driver.check(driver.cuEventSynchronize(last.event), "cuEventSynchronize")
+        var times: [KernelTime] = [], index: [String: Int] = [:]
+        for (previous, mark) in zip(marks, marks.dropFirst()) {
+            var ms: Float = 0
+            try driver.check(driver.cuEventElapsedTime(&ms, previous.event, mark.event), "cuEventElapsedTime")
+            if index[mark.name] == nil { index[mark.name] = times.count; times.append(KernelTime(name: mark.name, launches: 0, seconds: 0)) }
+            times[index[mark.name]!].launches += 1
+            times[index[mark.name]!].seconds += Double(ms) / 1000
+        }
+        return times
+    }
 
     public func synchronize() throws(CUDAError) { try driver.check(driver.cuCtxSynchronize(), "cuCtxSynchronize") }
 

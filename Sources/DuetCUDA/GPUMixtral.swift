@@ -1,4 +1,7 @@
 import DuetCore
+#if canImport(Glibc)
+import Glibc
+#endif
 import DuetCPU
 import DuetModels
 
@@ -102,13 +105,37 @@ public final class GPUMixtral {
         values = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
     }
 
-    /// Workspace a forward of `tokens` tokens allocates (the recycled buffers are rounded up
-    /// to powers of two), so a budget can keep it free.
+    /// Workspace a forward of `tokens` tokens allocates with the experts offloaded (the
+    /// recycled buffers are rounded up to powers of two), so a budget can keep it free.
     public static func workspaceBytes(_ c: MixtralConfiguration, tokens T: Int) -> Int {
         func rounded(_ floats: Int) -> Int { GPU.workspaceSizeClass(floats * 4) }
         let D = c.hiddenSize, qd = c.numAttentionHeads * c.headDim, kvd = c.numKeyValueHeads * c.headDim
+        // ids, x/attn/moe, routed, q/o, k/v, last/normed, out, the last row's index (no fused
+        // MoE: the offload executor runs the experts).
         return rounded(T) + 3 * rounded(T * D) + rounded(T * D + T * c.numLocalExperts) + 2 * rounded(T * qd) + 2 * rounded(T * kvd)
             + 2 * rounded(D) + rounded(c.vocabSize) + rounded(1)
+    }
+
+    /// Weight bytes one decode step (one token, every expert on this GPU, the fused MoE) reads,
+    /// by the name of the kernel that reads them: the benchmark's per-kernel HBM fractions.
+    public var decodeWeightBytesByKernel: [String: Int] {
+        var bytes: [String: Int] = [:]
+        func add(_ w: Matrix, _ kernel: String? = nil) {
+            bytes[kernel ?? (w.dtype == .bf16 ? "gemv_bf16" : "gemv_f32"), default: 0] += w.rows * w.cols * w.dtype.size
+        }
+        let k = config.numExpertsPerToken
+        for layer in layers {
+            let fusedQKV = layer.q.dtype == .bf16 && layer.k.dtype == .bf16 && layer.v.dtype == .bf16
+            for w in [layer.q, layer.k, layer.v] { add(w, fusedQKV ? "gemv3_bf16" : nil) }
+            add(layer.o)
+            add(layer.router, layer.expertTables != nil && Self.fusesRouter(layer.router, experts: config.numLocalExperts) ? "add_norm_router_topk_bf16" : nil)
+            if layer.expertTables != nil, let e = layer.experts.first {
+                bytes["moe_gate_up_bf16", default: 0] += k * (e.gate.rows * e.gate.cols + e.up.rows * e.up.cols) * 2
+                bytes["moe_down_bf16", default: 0] += k * e.down.rows * e.down.cols * 2
+            }
+        }
+        add(lmHead)
+        return bytes
     }
 
     /// Forgets the sequence.
@@ -126,21 +153,78 @@ public final class GPUMixtral {
     /// synchronous copies in between (when it is near the whole step, the host is the limit).
     public private(set) var lastIssueSeconds = 0.0
 
+    /// Decode steps run as one CUDA graph (captured at the first step that can use it): the
+    /// whole model on this GPU with bf16 experts (the fused MoE path, no host round trip),
+    /// one token, within the positions the captured attention launch allows. Off: every
+    /// step is launched kernel by kernel.
+    public var usesDecodeGraph = true
+    /// Decode steps the graph has run, and the kernels it holds.
+    public private(set) var decodeGraphSteps = 0
+    public var decodeGraphKernels: Int { decodeGraph?.kernels ?? 0 }
+    private var decodeGraph: DecodeGraph?
+    private var decodeGraphFailed = false
+    /// Set while the decode graph is captured (its launches compute nothing yet).
+    private var capturing = false
+
+    /// The buffers one forward of `T` tokens works in (from the recycled workspace).
+    struct Workspace {
+        let x, q, k, v, o, attn, moe: DeviceBuffer
+        /// The normed hidden state `[T, D]` and the router logits `[T, E]` side by side: one
+        /// wait brings both down (offload path).
+        let routed, h, logits: DeviceBuffer
+        /// The fused MoE's choices `[T, k]`, weights `[T, k]` and hidden activations `[T * k, F]`
+        /// (nil when the step does not take that path).
+        let expertIds, expertWeights, expertHidden: DeviceBuffer?
+        let last, normed, out: DeviceBuffer
+
+        init(_ c: MixtralConfiguration, gpu: GPU, tokens T: Int, fusedMoE: Bool) throws(CUDAError) {
+            func buffer(_ floats: Int) throws(CUDAError) -> DeviceBuffer { try gpu.allocate(max(floats, 1) * 4, category: GPU.workspace) }
+            let D = c.hiddenSize, E = c.numLocalExperts, k = c.numExpertsPerToken
+            x = try buffer(T * D)
+            q = try buffer(T * c.numAttentionHeads * c.headDim); o = try buffer(T * c.numAttentionHeads * c.headDim)
+            self.k = try buffer(T * c.numKeyValueHeads * c.headDim); v = try buffer(T * c.numKeyValueHeads * c.headDim)
+            attn = try buffer(T * D); moe = try buffer(T * D)
+            routed = try buffer(T * D + T * E)
+            h = routed.view(offset: 0, bytes: T * D * 4); logits = routed.view(offset: T * D * 4, bytes: T * E * 4)
+            if fusedMoE {
+                expertIds = try buffer(T * k); expertWeights = try buffer(T * k); expertHidden = try buffer(T * k * c.intermediateSize)
+            } else {
+                (expertIds, expertWeights, expertHidden) = (nil, nil, nil)
+            }
+            last = T > 1 ? try buffer(D) : x
+            normed = try buffer(D); out = try buffer(c.vocabSize)
+        }
+    }
+
     /// Runs `tokens` at the next positions and returns the last token's logits `[V]`.
     public func forward(_ tokens: [Int32]) throws(CUDAError) -> [Float] {
         let issueStart = ContinuousClock.now
-        let c = config, T = tokens.count, D = c.hiddenSize, H = c.numAttentionHeads, Hkv = c.numKeyValueHeads, d = c.headDim
-        let start = length
+        let T = tokens.count, start = length
         guard T > 0, start + T <= maxPositions else { throw .unavailable("sequence of \(start + T) positions exceeds the GPU cache of \(maxPositions)") }
-        func buffer(_ floats: Int) throws(CUDAError) -> DeviceBuffer { try gpu.allocate(max(floats, 1) * 4, category: "workspace") }
-        let ids = try gpu.upload(array: tokens, category: "workspace")
-        let x = try buffer(T * D)                                              // [T, D]
+        if T == 1, let graph = try graphForDecode(at: start) {
+            let logits = try graph.run(token: tokens[0], position: start)
+            length += 1
+            decodeGraphSteps += 1
+            expertUsage.addGPU(tokenExperts: layers.count * config.numExpertsPerToken, seconds: 0)
+            lastIssueSeconds = secondsSince(issueStart)
+            return logits
+        }
+        let work = try Workspace(config, gpu: gpu, tokens: T, fusedMoE: usesFusedMoE(tokens: T))
+        let ids = try gpu.upload(array: tokens, category: GPU.workspace)
+        let lastIndex = T > 1 ? try gpu.upload(array: [Int32(T - 1)], category: GPU.workspace) : nil
+        try issueStep(ids: ids, lastIndex: lastIndex, work, tokens: T, start: start, startAt: nil)
+        length += T
+        lastIssueSeconds = secondsSince(issueStart)
+        return try gpu.download(work.out, count: config.vocabSize)
+    }
+
+    /// Issues one step's kernels: embedding, every layer, the final norm and lm_head of the last
+    /// token into `work.out`. `startAt` (one Int32 on the device) set: the first position is
+    /// read from there and `start` is the largest it may be (the captured decode step).
+    private func issueStep(ids: DeviceBuffer, lastIndex: DeviceBuffer?, _ work: Workspace, tokens T: Int, start: Int, startAt: DeviceBuffer?) throws(CUDAError) {
+        let c = config, D = c.hiddenSize, H = c.numAttentionHeads, Hkv = c.numKeyValueHeads, d = c.headDim
+        let x = work.x, h = work.h, logits = work.logits
         try embedRows(ids, into: x, tokens: T)
-        let q = try buffer(T * H * d), k = try buffer(T * Hkv * d), v = try buffer(T * Hkv * d), o = try buffer(T * H * d)
-        let attn = try buffer(T * D), moe = try buffer(T * D)
-        // The normed hidden state and the router logits side by side: one wait brings both down.
-        let routed = try buffer(T * D + T * c.numLocalExperts)
-        let h = routed.view(offset: 0, bytes: T * D * 4), logits = routed.view(offset: T * D * 4, bytes: T * c.numLocalExperts * 4)
         // Each residual add rides on the norm that follows it (one launch for both); an MoE
         // output waits in `pending` for the next layer's input norm.
         var pending: DeviceBuffer? = nil
@@ -152,38 +236,61 @@ public final class GPUMixtral {
             } else {
                 try ops.rmsNorm(x, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             }
-            try projectQKV(h, layer, q, k, v, tokens: T)
-            try ops.ropeStore(q: q, k: k, v: v, keys: keys[l], values: values[l], inverseFrequencies: inverseFrequencies,
-                              tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: start)
-            try ops.attention(queries: q, keys: keys[l], values: values[l], out: o, tokens: T, start: start,
+            try projectQKV(h, layer, work.q, work.k, work.v, tokens: T)
+            try ops.ropeStore(q: work.q, k: work.k, v: work.v, keys: keys[l], values: values[l], inverseFrequencies: inverseFrequencies,
+                              tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: start, startAt: startAt)
+            try ops.attention(queries: work.q, keys: keys[l], values: values[l], out: work.o, tokens: T, start: start, startAt: startAt,
                               heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
-            try matmul(o, layer.o, attn, tokens: T)
-            try ops.addRMSNorm(x, adding: attn, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
+            try matmul(work.o, layer.o, work.attn, tokens: T)
+            if let tables = layer.expertTables, usesFusedMoE(tokens: T) {
+                try fusedExperts(h, tables: tables, layer: layer, routerLogits: logits, work, addingInto: x, tokens: T)
+                continue
+            }
+            try ops.addRMSNorm(x, adding: work.attn, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             try matmul(h, layer.router, logits, tokens: T)
             if let executor = expertExecutor {
                 offloadTiming.issueSeconds += secondsSince(layerStart)
-                try offloadExperts(h, routerLogits: logits, layer: l, executor: executor, into: moe, tokens: T)
-                pending = moe
-            } else if let tables = layer.expertTables, T <= fusedMoEMaxTokens {
-                try fusedExperts(h, tables: tables, routerLogits: logits, addingInto: x, tokens: T)
+                try offloadExperts(h, routerLogits: logits, layer: l, executor: executor, into: work.moe, tokens: T)
             } else {
-                try experts(h, layer: layer, routerLogits: logits, into: moe, tokens: T)
-                pending = moe
+                try experts(h, layer: layer, routerLogits: logits, into: work.moe, tokens: T)
             }
+            pending = work.moe
         }
         if let p = pending { try ops.add(x, p, count: T * D) }
-        length += T
         // Final norm and lm_head for the last token only.
-        var last = x  // [1, D] when decoding
-        if T > 1 {
-            last = try buffer(D)
-            try ops.gatherRows(x, indices: try gpu.upload(array: [Int32(T - 1)], category: "workspace"), last, rows: 1, dim: D)
+        if let lastIndex { try ops.gatherRows(x, indices: lastIndex, work.last, rows: 1, dim: D) }
+        try ops.rmsNorm(work.last, weight: norm, work.normed, tokens: 1, dim: D, eps: c.rmsNormEps)
+        try matmul(work.normed, lmHead, work.out, tokens: 1)
+    }
+
+    /// Whether the fused MoE computes the norm, the router's logits and the top-k in one launch (bf16 router).
+    static func fusesRouter(_ router: Matrix, experts E: Int) -> Bool { router.dtype == .bf16 && E <= 32 }
+
+    /// Whether a step of `T` tokens runs the MoE with the fused kernels (bf16 experts here).
+    private func usesFusedMoE(tokens T: Int) -> Bool {
+        expertExecutor == nil && T <= fusedMoEMaxTokens && layers.contains { $0.expertTables != nil }
+    }
+
+    /// The decode graph when this step can use it (captured now if not yet), else nil. A
+    /// capture that fails says why once and leaves decoding launch by launch.
+    private func graphForDecode(at position: Int) throws(CUDAError) -> DecodeGraph? {
+        guard usesDecodeGraph, !decodeGraphFailed, expertExecutor == nil, !gpu.timesKernels,
+              layers.allSatisfy({ $0.expertTables != nil }), usesFusedMoE(tokens: 1),
+              position < DecodeGraph.positions(maxPositions) else { return nil }
+        if let decodeGraph { return decodeGraph }
+        capturing = true
+        defer { capturing = false }
+        do {
+            decodeGraph = try DecodeGraph(gpu: gpu, workspace: Workspace(config, gpu: gpu, tokens: 1, fusedMoE: true), vocabSize: config.vocabSize,
+                                          positions: DecodeGraph.positions(maxPositions)) { (ids, start, work, positions) throws(CUDAError) in
+                try issueStep(ids: ids, lastIndex: nil, work, tokens: 1, start: positions - 1, startAt: start)
+            }
+        } catch {
+            decodeGraphFailed = true
+            let line = "warning: decode steps are launched one by one (\(error))\n"
+            _ = line.withCString { write(2, $0, strlen($0)) }
         }
-        let normed = try buffer(D), out = try buffer(c.vocabSize)
-        try ops.rmsNorm(last, weight: norm, normed, tokens: 1, dim: D, eps: c.rmsNormEps)
-        try matmul(normed, lmHead, out, tokens: 1)
-        lastIssueSeconds = secondsSince(issueStart)
-        return try gpu.download(out, count: c.vocabSize)
+        return decodeGraph
     }
 
     /// q, k, v `[T, *]` = h W^T for the layer's three projections: one GEMV launch for all
@@ -224,17 +331,27 @@ public final class GPUMixtral {
         offloadTiming.uploadSeconds += secondsSince(start)
     }
 
-    /// Routes and runs the chosen experts on the GPU without a host round trip (bf16
-    /// experts, few tokens): top-k, then gate/up and down through the pointer tables, the
+    /// The MoE half of a layer on the GPU without a host round trip (bf16 experts, few
+    /// tokens): the post-attention residual add and norm with the router and its top-k (one
+    /// launch for a bf16 router), then gate/up and down through the pointer tables, the
     /// weighted sum added into the residual stream x `[T, D]`.
-    private func fusedExperts(_ h: DeviceBuffer, tables: (gate: DeviceBuffer, up: DeviceBuffer, down: DeviceBuffer),
-                              routerLogits: DeviceBuffer, addingInto x: DeviceBuffer, tokens T: Int) throws(CUDAError) {
+    private func fusedExperts(_ h: DeviceBuffer, tables: (gate: DeviceBuffer, up: DeviceBuffer, down: DeviceBuffer), layer: Layer,
+                              routerLogits: DeviceBuffer, _ work: Workspace, addingInto x: DeviceBuffer, tokens T: Int) throws(CUDAError) {
         let c = config, k = c.numExpertsPerToken, F = c.intermediateSize, D = c.hiddenSize
         let start = ContinuousClock.now
-        defer { expertUsage.addGPU(tokenExperts: T * k, seconds: secondsSince(start)) }
-        let ids = try gpu.allocate(T * k * 4, category: GPU.workspace), weights = try gpu.allocate(T * k * 4, category: GPU.workspace)
-        let hidden = try gpu.allocate(T * k * F * 4, category: GPU.workspace)  // [T * k, F]
-        try ops.routeTopK(routerLogits, experts: ids, weights: weights, tokens: T, experts: c.numLocalExperts, k: k)
+        defer { if !capturing { expertUsage.addGPU(tokenExperts: T * k, seconds: secondsSince(start)) } }
+        guard let ids = work.expertIds, let weights = work.expertWeights, let hidden = work.expertHidden else {  // hidden [T * k, F]
+            throw .unavailable("no fused-MoE workspace for this step")
+        }
+        if Self.fusesRouter(layer.router, experts: c.numLocalExperts) {
+            try ops.addNormRouterTopK(x, adding: work.attn, weight: layer.postAttentionNorm, h, eps: c.rmsNormEps,
+                                      router: layer.router.buffer, logits: routerLogits, experts: ids, weights: weights,
+                                      tokens: T, experts: c.numLocalExperts, dim: D, k: k)
+        } else {
+            try ops.addRMSNorm(x, adding: work.attn, weight: layer.postAttentionNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
+            try matmul(h, layer.router, routerLogits, tokens: T)
+            try ops.routeTopK(routerLogits, experts: ids, weights: weights, tokens: T, experts: c.numLocalExperts, k: k)
+        }
         try ops.moeGateUp(w1s: tables.gate, w3s: tables.up, ids: ids, x: h, h: hidden, tokens: T, k: k, rows: F, cols: D)
         try ops.moeDownAdd(w2s: tables.down, ids: ids, weights: weights, h: hidden, x: x, tokens: T, k: k, rows: D, cols: F)
     }

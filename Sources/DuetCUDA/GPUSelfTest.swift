@@ -127,6 +127,9 @@ public enum GPUSelfTest {
             for (T, E, k, D, F) in [(1, 8, 2, 256, 352), (3, 8, 2, 96, 200), (2, 16, 4, 100, 36)] {
                 checks.append(try fusedMoECheck(gpu: gpu, ops: ops, cpu: cpu, tokens: T, experts: E, k: k, dim: D, hidden: F))
             }
+            for (T, E, k, D) in [(1, 8, 2, 4096), (3, 8, 2, 1000), (2, 32, 4, 99)] {
+                checks.append(try moePrologueCheck(gpu: gpu, ops: ops, cpu: cpu, tokens: T, experts: E, k: k, dim: D))
+            }
             // The budget refuses what it cannot hold, with an error, not a crash.
             let small = try GPU(memoryLimit: 1 << 20)
             let refused = (try? small.allocate(2 << 20, category: "weights")) == nil
@@ -237,6 +240,33 @@ public enum GPUSelfTest {
 
     /// Fused decode MoE (router choices on the device, pointer tables) against the CPU's
     /// expert FFNs summed with the router's weights and added to a residual.
+    /// The fused MoE prologue (residual add, RMSNorm, bf16 router, top-k in one launch)
+    /// against the CPU's: the residual stream, the normed h, the router logits and weights
+    /// (relative L2) and the chosen ids (exactly).
+    static func moePrologueCheck(gpu: GPU, ops: GPUOps, cpu: CPUKernels, tokens T: Int, experts E: Int, k: Int, dim D: Int) throws(CUDAError) -> Check {
+        let x = KernelSelfTest.random(T * D, seed: 71), a = KernelSelfTest.random(T * D, seed: 72)
+        let w = KernelSelfTest.random(D, seed: 73).map { 1 + 0.1 * $0 }
+        let router = KernelSelfTest.random(E * D, seed: 74).map { floatToBF16($0 * 0.5) }
+        let sum = zip(x, a).map { $0 + $1 }
+        var h = [Float](repeating: 0, count: T * D), logits = [Float](repeating: 0, count: T * E)
+        rmsNorm(sum, weight: w, eps: 1e-5, &h, tokens: T)
+        for t in 0..<T {
+            for e in 0..<E { logits[t * E + e] = Float((0..<D).reduce(0.0) { $0 + Double(bf16ToFloat(router[e * D + $1])) * Double(h[t * D + $1]) }) }
+        }
+        let choices = DuetCPU.routeTopK(logits, tokens: T, experts: E, k: k)
+        let gx = try gpu.upload(x, category: "workspace"), ga = try gpu.upload(a, category: "workspace"), gw = try gpu.upload(w, category: "workspace")
+        let gr = try gpu.upload(array: router, category: "workspace")
+        let gh = try gpu.allocate(T * D * 4, category: "workspace"), gl = try gpu.allocate(T * E * 4, category: "workspace")
+        let gids = try gpu.allocate(T * k * 4, category: "workspace"), gweights = try gpu.allocate(T * k * 4, category: "workspace")
+        try ops.addNormRouterTopK(gx, adding: ga, weight: gw, gh, eps: 1e-5, router: gr, logits: gl, experts: gids, weights: gweights,
+                                  tokens: T, experts: E, dim: D, k: k)
+        let ids = try gpu.download(gids, count: T * k, as: Int32.self, zero: 0).map(Int.init)
+        let error = [relativeError(try gpu.download(gx, count: T * D), sum), relativeError(try gpu.download(gh, count: T * D), h),
+                     relativeError(try gpu.download(gl, count: T * E), logits),
+                     relativeError(try gpu.download(gweights, count: T * k), choices.flatMap(\.weights))].max()!
+        return Check(name: "add_norm_router_topk T=\(T) E=\(E) k=\(k) D=\(D)", error: ids == choices.flatMap(\.experts) ? error : 1, tolerance: 1e-5)
+    }
+
     static func fusedMoECheck(gpu: GPU, ops: GPUOps, cpu: CPUKernels, tokens T: Int, experts E: Int, k: Int, dim D: Int, hidden F: Int) throws(CUDAError) -> Check {
         var raw: [UnsafeMutableRawBufferPointer] = []
         defer { raw.forEach { $0.deallocate() } }
@@ -302,8 +332,30 @@ public enum GPUSelfTest {
                 model.reset()
                 return { try model.forward($0) }
             }
+            if model.decodeGraphSteps > 0 || model.layers.allSatisfy({ $0.expertTables != nil }) {
+                out.append(try decodeGraphCheck(model, golden.cases[0], label: "model \(name)"))
+            }
         }
         return out
+    }
+
+    /// The decode graph against the same steps launched one by one: HF's greedy tokens fed
+    /// back through both, every step's logits bit-identical (the same kernels in the same
+    /// order), and the graph really used.
+    static func decodeGraphCheck(_ model: GPUMixtral, _ c: HFGolden.Case, label: String) throws -> Check {
+        func decode(graph: Bool) throws -> [[Float]] {
+            model.usesDecodeGraph = graph
+            model.reset()
+            var out = [try model.forward(c.prompt)]
+            for token in c.greedy { out.append(try model.forward([token])) }
+            return out
+        }
+        let before = model.decodeGraphSteps
+        let eager = try decode(graph: false), graphed = try decode(graph: true)
+        let used = model.decodeGraphSteps - before
+        let error = zip(eager, graphed).map { relativeError($1, $0) }.max() ?? 1
+        return Check(name: "\(label) decode graph vs launches, \(c.greedy.count) steps (\(used) by the graph): bit-identical",
+                     error: used == c.greedy.count ? error : 1, tolerance: 1e-12)
     }
 
     /// Every offload strategy with the GPU as the device, against HF on the golden

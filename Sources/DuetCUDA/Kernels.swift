@@ -11,11 +11,26 @@ enum KernelSource {
         return v;
     }
 
-    // y = w * row / sqrt(mean(row^2) + eps) for one row of D, by one block of 256 threads.
-    __device__ void rms_norm_row(const float* row, const float* w, float* y, int D, float eps) {
+    // Whether a row of D floats at each of these pointers can be read as float4s.
+    __device__ __forceinline__ bool rows_vec4(int D, const void* a, const void* b, const void* c) {
+        return (D & 3) == 0 && ((((unsigned long long)a) | ((unsigned long long)b) | ((unsigned long long)c)) & 15) == 0;
+    }
+
+    // y = w * row / sqrt(mean(row^2) + eps) for one row of D, by one block (up to 1024
+    // threads; enough that each reads one or two float4s: a single-token step is latency-bound,
+    // not bandwidth-bound). vec: float4 loads, element i4 of the row owned by thread i4 mod
+    // blockDim (add_rms_norm relies on the same ownership).
+    __device__ void rms_norm_row(const float* row, const float* w, float* y, int D, float eps, bool vec) {
         float s = 0.f;
-        for (int i = threadIdx.x; i < D; i += blockDim.x) s += row[i] * row[i];
-        __shared__ float part[8];
+        if (vec) {
+            for (int i = threadIdx.x; i < (D >> 2); i += blockDim.x) {
+                float4 v = ((const float4*)row)[i];
+                s += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+        } else {
+            for (int i = threadIdx.x; i < D; i += blockDim.x) s += row[i] * row[i];
+        }
+        __shared__ float part[32];
         s = warp_sum(s);
         if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
         __syncthreads();
@@ -26,22 +41,41 @@ enum KernelSource {
         }
         __syncthreads();
         float scale = rsqrtf(part[0] / D + eps);
-        for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = w[i] * (row[i] * scale);
+        if (vec) {
+            for (int i = threadIdx.x; i < (D >> 2); i += blockDim.x) {
+                float4 v = ((const float4*)row)[i], g = ((const float4*)w)[i];
+                ((float4*)y)[i] = make_float4(g.x * (v.x * scale), g.y * (v.y * scale), g.z * (v.z * scale), g.w * (v.w * scale));
+            }
+        } else {
+            for (int i = threadIdx.x; i < D; i += blockDim.x) y[i] = w[i] * (row[i] * scale);
+        }
     }
 
-    // y[t, :] = w * x[t, :] / sqrt(mean(x[t, :]^2) + eps). One block of 256 threads per row.
+    // y[t, :] = w * x[t, :] / sqrt(mean(x[t, :]^2) + eps). One block per row.
     __global__ void rms_norm(const float* x, const float* w, float* y, int D, float eps) {
-        rms_norm_row(x + (long)blockIdx.x * D, w, y + (long)blockIdx.x * D, D, eps);
+        const float* row = x + (long)blockIdx.x * D;
+        float* out = y + (long)blockIdx.x * D;
+        rms_norm_row(row, w, out, D, eps, rows_vec4(D, row, w, out));
     }
 
     // x[t, :] += a[t, :], then y[t, :] = RMSNorm(x[t, :]) * w: a residual add and the next
     // norm in one launch, with the same arithmetic as add_inplace then rms_norm (each thread
     // reads back only the elements it added, so no barrier is needed in between).
+    __device__ void add_rms_norm_row(float* row, const float* add, const float* w, float* out, int D, float eps) {
+        bool vec = rows_vec4(D, row, w, out) && rows_vec4(D, add, add, add);
+        if (vec) {
+            for (int i = threadIdx.x; i < (D >> 2); i += blockDim.x) {
+                float4 r = ((float4*)row)[i], b = ((const float4*)add)[i];
+                ((float4*)row)[i] = make_float4(r.x + b.x, r.y + b.y, r.z + b.z, r.w + b.w);
+            }
+        } else {
+            for (int i = threadIdx.x; i < D; i += blockDim.x) row[i] += add[i];
+        }
+        rms_norm_row(row, w, out, D, eps, vec);
+    }
     __global__ void add_rms_norm(float* x, const float* a, const float* w, float* y, int D, float eps) {
-        float* row = x + (long)blockIdx.x * D;
-        const float* add = a + (long)blockIdx.x * D;
-        for (int i = threadIdx.x; i < D; i += blockDim.x) row[i] += add[i];
-        rms_norm_row(row, w, y + (long)blockIdx.x * D, D, eps);
+        long o = (long)blockIdx.x * D;
+        add_rms_norm_row(x + o, a + o, w, y + o, D, eps);
     }
 
     // g[i] = silu(g[i]) * u[i].
@@ -63,7 +97,7 @@ enum KernelSource {
     }
 
     // y[t, :] = table[ids[t], :] (bf16 rows widened to fp32).
-    __global__ void embed_bf16(const unsigned short* table, const int* ids, float* y, int D) {
+    __global__ void embed_bf16(const unsigned short* __restrict__ table, const int* __restrict__ ids, float* __restrict__ y, int D) {
         const unsigned short* row = table + (long)ids[blockIdx.x] * D;
         for (int i = threadIdx.x; i < D; i += blockDim.x) y[(long)blockIdx.x * D + i] = bf16_to_float(row[i]);
     }
@@ -85,9 +119,11 @@ enum KernelSource {
     // One step's rotary embedding and KV cache writes in one launch. Block (t, j): j < H
     // rotates query head j in place; H <= j < H + Hkv rotates key head j - H straight into the
     // key cache at position start + t; the rest copy value head j - H - Hkv into the value
-    // cache (the selftest checks it against DuetCPU's Rope.apply).
+    // cache (the selftest checks it against DuetCPU's Rope.apply). start_at non-null: the
+    // first position is read from there (a captured decode step serves every position).
     __global__ void rope_store(float* q, const float* k, const float* v, float* keys, float* values,
-                               const float* inv_freq, int H, int Hkv, int d, int start) {
+                               const float* inv_freq, int H, int Hkv, int d, int start, const int* start_at) {
+        if (start_at) start = *start_at;
         int t = blockIdx.x, j = blockIdx.y, pos = start + t;
         if (j < H) {
             float* head = q + ((long)t * H + j) * d;
@@ -104,22 +140,48 @@ enum KernelSource {
     // Causal GQA attention of T queries at positions start..start+T-1 over a contiguous cache
     // keys/values [positions, Hkv, d]; query t attends to max(0, p - window + 1) .. p
     // (window <= 0: no window). One block per (t, h); scores in dynamic shared memory.
+    // start_at non-null: start is read from there (as rope_store).
     __global__ void attention(const float* q, const float* keys, const float* values, float* out,
-                              int start, int H, int Hkv, int d, int window) {
+                              int start, int H, int Hkv, int d, int window, const int* start_at) {
         extern __shared__ float scores[];
         __shared__ float red[32];
+        __shared__ float4 partial[8][32];
+        if (start_at) start = *start_at;
         int t = blockIdx.x, h = blockIdx.y, p = start + t, kvh = h / (H / Hkv);
         int first = window > 0 ? max(0, p - window + 1) : 0, n = p - first + 1;
         const float* qv = q + ((long)t * H + h) * d;
         float scale = rsqrtf((float)d);
-        // One warp per key: the lanes read the key row together (coalesced), then sum.
-        int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-        for (int j = threadIdx.x >> 5; j < n; j += warps) {
-            const float* k = keys + ((long)(first + j) * Hkv + kvh) * d;
-            float s = 0.f;
-            for (int i = lane; i < d; i += 32) s += qv[i] * k[i];
-            s = warp_sum(s);
-            if (lane == 0) scores[j] = s * scale;
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+        // d % 4 == 0 and d <= 128 (vec): lane L holds dimensions 4L..4L+3 as a float4, so a
+        // warp reads a key row in one coalesced load; each warp scores four keys per pass, and
+        // in the value pass accumulates its keys' rows, the warps' sums meeting at the end.
+        bool vec = (d & 3) == 0 && d <= 128 && warps <= 8 && ((((unsigned long long)q) | ((unsigned long long)keys) | ((unsigned long long)values)) & 15) == 0;
+        long stride = (long)Hkv * d;
+        const float* kbase = keys + (long)first * stride + (long)kvh * d;
+        const float* vbase = values + (long)first * stride + (long)kvh * d;
+        bool active = 4 * lane < d;
+        float4 q4 = vec && active ? ((const float4*)qv)[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
+        if (vec) {
+            for (int j0 = warp * 4; j0 < n; j0 += 4 * warps) {
+                float s[4];
+                #pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    float4 kv = active && j0 + u < n ? ((const float4*)(kbase + (long)(j0 + u) * stride))[lane] : make_float4(0.f, 0.f, 0.f, 0.f);
+                    s[u] = q4.x * kv.x + q4.y * kv.y + q4.z * kv.z + q4.w * kv.w;
+                }
+                #pragma unroll
+                for (int u = 0; u < 4; u++) s[u] = warp_sum(s[u]);
+                if (lane < 4 && j0 + lane < n) scores[j0 + lane] = (lane == 0 ? s[0] : lane == 1 ? s[1] : lane == 2 ? s[2] : s[3]) * scale;
+            }
+        } else {
+            // One warp per key: the lanes read the key row together (coalesced), then sum.
+            for (int j = warp; j < n; j += warps) {
+                const float* k = keys + ((long)(first + j) * Hkv + kvh) * d;
+                float s = 0.f;
+                for (int i = lane; i < d; i += 32) s += qv[i] * k[i];
+                s = warp_sum(s);
+                if (lane == 0) scores[j] = s * scale;
+            }
         }
         __syncthreads();
         float m = __int_as_float(0xff800000);
@@ -138,6 +200,28 @@ enum KernelSource {
         total = 0.f;
         for (int w = 0; w < (blockDim.x >> 5); w++) total += red[w];
         float* o = out + ((long)t * H + h) * d;
+        if (vec) {
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (active) {
+                #pragma unroll 4
+                for (int j = warp; j < n; j += warps) {
+                    float4 v = ((const float4*)(vbase + (long)j * stride))[lane];
+                    float pj = scores[j];
+                    acc.x += pj * v.x; acc.y += pj * v.y; acc.z += pj * v.z; acc.w += pj * v.w;
+                }
+            }
+            partial[warp][lane] = acc;
+            __syncthreads();
+            if (warp == 0 && active) {
+                float4 sum = partial[0][lane];
+                for (int w = 1; w < warps; w++) {
+                    float4 b = partial[w][lane];
+                    sum.x += b.x; sum.y += b.y; sum.z += b.z; sum.w += b.w;
+                }
+                ((float4*)o)[lane] = make_float4(sum.x / total, sum.y / total, sum.z / total, sum.w / total);
+            }
+            return;
+        }
         for (int i = threadIdx.x; i < d; i += blockDim.x) {
             float acc = 0.f;
             for (int j = 0; j < n; j++) acc += scores[j] * values[((long)(first + j) * Hkv + kvh) * d + i];
@@ -239,25 +323,35 @@ enum KernelSource {
 
     // Router: softmax over E logits per token, top-k (ties to the lower id), renormalised
     // weights. One thread per token (E is small).
+    __device__ void topk_row(const float* __restrict__ l, int* __restrict__ experts, float* __restrict__ weights, int E, int k);
     __global__ void route_topk(const float* logits, int* experts, float* weights, int T, int E, int k) {
         int t = blockIdx.x * blockDim.x + threadIdx.x;
-        if (t >= T) return;
-        const float* l = logits + (long)t * E;
+        if (t < T) topk_row(logits + (long)t * E, experts + t * k, weights + t * k, E, k);
+    }
+    // Two selection passes (E x k comparisons, cheap) so that ids and weights are only stored,
+    // never read back from global memory: the first sums the kept probabilities, the second
+    // stores each choice with its weight divided by that sum.
+    __device__ void topk_row(const float* __restrict__ l, int* __restrict__ experts, float* __restrict__ weights, int E, int k) {
         float m = __int_as_float(0xff800000);
         for (int e = 0; e < E; e++) m = fmaxf(m, l[e]);
         float z = 0.f;
         for (int e = 0; e < E; e++) z += expf(l[e] - m);
-        unsigned long long taken = 0ull;
         float kept = 0.f;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            for (int e = 0; e < E; e++) if (!((taken >> e) & 1ull) && (best < 0 || l[e] > l[best])) best = e;
-            taken |= 1ull << best;
-            experts[t * k + j] = best;
-            weights[t * k + j] = expf(l[best] - m) / z;
-            kept += weights[t * k + j];
+        for (int pass = 0; pass < 2; pass++) {
+            unsigned long long taken = 0ull;
+            for (int j = 0; j < k; j++) {
+                int best = -1;
+                for (int e = 0; e < E; e++) if (!((taken >> e) & 1ull) && (best < 0 || l[e] > l[best])) best = e;
+                taken |= 1ull << best;
+                float w = expf(l[best] - m) / z;
+                if (pass == 0) {
+                    kept += w;
+                } else {
+                    experts[j] = best;
+                    weights[j] = w / kept;
+                }
+            }
         }
-        for (int j = 0; j < k; j++) weights[t * k + j] /= kept;
     }
 
     // y[t, n] = sum_k W[n, k] * x[t, k] for fp32 weights (same scheme as gemv_bf16).
@@ -298,6 +392,16 @@ enum KernelSource {
         if (i < n) x[i] += y[i];
     }
 
+    // Eight bf16 weights (16 bytes) against eight floats, in the order every bf16 GEMV sums.
+    // The decode GEMVs read weights with streaming loads (__ldcs: evict first), so the
+    // activation vector they re-read for every row stays in L1.
+    __device__ __forceinline__ float dot8_bf16(uint4 p, float4 a, float4 b) {
+        return __uint_as_float(p.x << 16) * a.x + __uint_as_float(p.x & 0xffff0000u) * a.y
+             + __uint_as_float(p.y << 16) * a.z + __uint_as_float(p.y & 0xffff0000u) * a.w
+             + __uint_as_float(p.z << 16) * b.x + __uint_as_float(p.z & 0xffff0000u) * b.y
+             + __uint_as_float(p.w << 16) * b.z + __uint_as_float(p.w & 0xffff0000u) * b.w;
+    }
+
     // The dot of one bf16 row with one fp32 vector, this lane's share (a warp sums the shares).
     // 16-byte loads where K is a multiple of 8 and both are 16-byte aligned.
     __device__ float row_dot_bf16(const unsigned short* row, const float* x, int K, int lane) {
@@ -305,19 +409,45 @@ enum KernelSource {
         if ((K & 7) == 0 && ((((unsigned long long)row) | ((unsigned long long)x)) & 15) == 0) {
             const uint4* row8 = (const uint4*)row;
             const float4* x4 = (const float4*)x;
-            #pragma unroll 4
-            for (int i = lane; i < (K >> 3); i += 32) {
-                uint4 p = row8[i];
-                float4 a = x4[2 * i], b = x4[2 * i + 1];
-                acc += __uint_as_float(p.x << 16) * a.x + __uint_as_float(p.x & 0xffff0000u) * a.y
-                     + __uint_as_float(p.y << 16) * a.z + __uint_as_float(p.y & 0xffff0000u) * a.w
-                     + __uint_as_float(p.z << 16) * b.x + __uint_as_float(p.z & 0xffff0000u) * b.y
-                     + __uint_as_float(p.w << 16) * b.z + __uint_as_float(p.w & 0xffff0000u) * b.w;
-            }
+            #pragma unroll 8
+            for (int i = lane; i < (K >> 3); i += 32) acc += dot8_bf16(__ldcs(row8 + i), x4[2 * i], x4[2 * i + 1]);
         } else {
             for (int k = lane; k < K; k += 32) acc += bf16_to_float(row[k]) * x[k];
         }
         return acc;
+    }
+
+    // Two rows' dots at once (this lane's shares), their loads interleaved so twice as many
+    // bytes are in flight: rows a and b against xa and xb (the same vector for gate and up).
+    __device__ void row_dot2_bf16(const unsigned short* ra, const unsigned short* rb, const float* xa, const float* xb,
+                                  int K, int lane, float* outA, float* outB) {
+        unsigned long long all = ((unsigned long long)ra) | ((unsigned long long)rb) | ((unsigned long long)xa) | ((unsigned long long)xb);
+        if ((K & 7) != 0 || (all & 15) != 0) {
+            *outA = row_dot_bf16(ra, xa, K, lane);
+            *outB = row_dot_bf16(rb, xb, K, lane);
+            return;
+        }
+        const uint4 *a8 = (const uint4*)ra, *b8 = (const uint4*)rb;
+        const float4 *xa4 = (const float4*)xa, *xb4 = (const float4*)xb;
+        float a = 0.f, b = 0.f;
+        if (xa == xb) {
+            #pragma unroll 4
+            for (int i = lane; i < (K >> 3); i += 32) {
+                uint4 p = __ldcs(a8 + i), q = __ldcs(b8 + i);
+                float4 x0 = xa4[2 * i], x1 = xa4[2 * i + 1];
+                a += dot8_bf16(p, x0, x1);
+                b += dot8_bf16(q, x0, x1);
+            }
+        } else {
+            #pragma unroll 4
+            for (int i = lane; i < (K >> 3); i += 32) {
+                uint4 p = __ldcs(a8 + i), q = __ldcs(b8 + i);
+                a += dot8_bf16(p, xa4[2 * i], xa4[2 * i + 1]);
+                b += dot8_bf16(q, xb4[2 * i], xb4[2 * i + 1]);
+            }
+        }
+        *outA = a;
+        *outB = b;
     }
 
     // y = x rounded to bf16 (round to nearest even), n elements.
@@ -339,8 +469,10 @@ enum KernelSource {
         if (r >= F) return;
         int e = ids[a];
         const float* xt = x + (long)(a / k) * D;
-        float g = warp_sum(row_dot_bf16((const unsigned short*)w1s[e] + (long)r * D, xt, D, lane));
-        float u = warp_sum(row_dot_bf16((const unsigned short*)w3s[e] + (long)r * D, xt, D, lane));
+        float g, u;
+        row_dot2_bf16((const unsigned short*)w1s[e] + (long)r * D, (const unsigned short*)w3s[e] + (long)r * D, xt, xt, D, lane, &g, &u);
+        g = warp_sum(g);
+        u = warp_sum(u);
         if (lane == 0) h[(long)a * F + r] = g / (1.0f + expf(-g)) * u;
     }
 
@@ -351,11 +483,19 @@ enum KernelSource {
         int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
         int t = blockIdx.y, lane = threadIdx.x & 31;
         if (r >= D) return;
+        // Two experts per pass (their loads in flight together), summed in the router's order.
         float acc = 0;
-        for (int j = 0; j < k; j++) {
+        for (int j = 0; j < k; j += 2) {
             int a = t * k + j;
-            float part = warp_sum(row_dot_bf16((const unsigned short*)w2s[ids[a]] + (long)r * F, h + (long)a * F, F, lane));
-            acc += weights[a] * part;
+            if (j + 1 < k) {
+                float p0, p1;
+                row_dot2_bf16((const unsigned short*)w2s[ids[a]] + (long)r * F, (const unsigned short*)w2s[ids[a + 1]] + (long)r * F,
+                              h + (long)a * F, h + (long)(a + 1) * F, F, lane, &p0, &p1);
+                acc += weights[a] * warp_sum(p0);
+                acc += weights[a + 1] * warp_sum(p1);
+            } else {
+                acc += weights[a] * warp_sum(row_dot_bf16((const unsigned short*)w2s[ids[a]] + (long)r * F, h + (long)a * F, F, lane));
+            }
         }
         if (lane == 0) x[(long)t * D + r] += acc;
     }
@@ -548,6 +688,11 @@ enum KernelSource {
         int lane = threadIdx.x & 31;
         const unsigned short* row = W + (long)n * K;
         bool wide = (K & 7) == 0 && ((((unsigned long long)W) | ((unsigned long long)x)) & 15) == 0;
+        if (T == 1) {  // decode: more loads in flight per lane (same sums)
+            float v = warp_sum(row_dot_bf16(row, x, K, lane));
+            if (lane == 0) y[n] = v;
+            return;
+        }
         for (int t0 = 0; t0 < T; t0 += 8) {
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             int tt = T - t0 < 8 ? T - t0 : 8;
@@ -581,6 +726,25 @@ enum KernelSource {
     __global__ void gemv_bf16(const unsigned short* W, const float* x, float* y, int N, int K, int T) {
         int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
         if (n < N) gemv_bf16_row(W, x, y, n, N, K, T);
+    }
+
+    // add_rms_norm, the router and its top-k in one launch (the MoE's whole prologue for a
+    // few tokens; bf16 router [E, D], E <= 32): block t adds a[t] into x[t] and norms it into
+    // h[t] as add_rms_norm (same block size, same sums), then its warps compute the logits
+    // as gemv_bf16 does from the h row the block just wrote, and one thread routes as route_topk.
+    __global__ void add_norm_router_topk_bf16(float* x, const float* a, const float* w, float* h, const unsigned short* R,
+                                              float* logits, int* experts, float* weights, int D, float eps, int E, int k) {
+        __shared__ float staged[32];
+        int t = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+        long o = (long)t * D;
+        add_rms_norm_row(x + o, a + o, w, h + o, D, eps);
+        __syncthreads();  // the block's writes of h[t] are visible to all its threads
+        for (int e = warp; e < E; e += blockDim.x >> 5) {
+            float v = warp_sum(row_dot_bf16(R + (long)e * D, h + o, D, lane));
+            if (lane == 0) { logits[(long)t * E + e] = v; staged[e] = v; }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) topk_row(staged, experts + t * k, weights + t * k, E, k);
     }
 
     // Three GEMVs over the same x in one launch (attention's q, k and v projections): warp
@@ -618,25 +782,31 @@ public struct GPUOps {
         let f = try gpu.function("rms_norm", in: KernelSource.common)
         let a = KernelArguments()
         a.add(x); a.add(weight); a.add(y); a.add(Int32(D)); a.add(eps)
-        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (Self.rowThreads(D), 1, 1), arguments: a.pointers)
     }
+
+    /// Threads of a block that works on one row of D floats: one float4 each where possible
+    /// (a one-token step is latency-bound: few loads per thread, all in flight at once).
+    static func rowThreads(_ D: Int) -> UInt32 { UInt32(min(1024, max(32, ((D + 3) / 4 + 31) / 32 * 32))) }
 
     /// x `[T, D]` += a, then y = RMSNorm(x) with weight `[D]` (one launch).
     public func addRMSNorm(_ x: DeviceBuffer, adding a: DeviceBuffer, weight: DeviceBuffer, _ y: DeviceBuffer, tokens T: Int, dim D: Int, eps: Float) throws(CUDAError) {
         let f = try gpu.function("add_rms_norm", in: KernelSource.common)
         let args = KernelArguments()
         args.add(x); args.add(a); args.add(weight); args.add(y); args.add(Int32(D)); args.add(eps)
-        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (256, 1, 1), arguments: args.pointers)
+        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (Self.rowThreads(D), 1, 1), arguments: args.pointers)
     }
 
     /// Rotates q `[T, H, d]` in place and k `[T, Hkv, d]` into the key cache, and copies v
     /// into the value cache, at positions `start..<start+T` (one launch; caches `[P, Hkv, d]`).
+    /// `startAt` (one Int32 on the device), when given, holds the first position instead of
+    /// `start` (a captured decode step).
     public func ropeStore(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, inverseFrequencies: DeviceBuffer,
-                          tokens T: Int, heads H: Int, kvHeads Hkv: Int, headDim d: Int, start: Int) throws(CUDAError) {
+                          tokens T: Int, heads H: Int, kvHeads Hkv: Int, headDim d: Int, start: Int, startAt: DeviceBuffer? = nil) throws(CUDAError) {
         let f = try gpu.function("rope_store", in: KernelSource.common)
         let a = KernelArguments()
         a.add(q); a.add(k); a.add(v); a.add(keys); a.add(values); a.add(inverseFrequencies)
-        a.add(Int32(H)); a.add(Int32(Hkv)); a.add(Int32(d)); a.add(Int32(start))
+        a.add(Int32(H)); a.add(Int32(Hkv)); a.add(Int32(d)); a.add(Int32(start)); a.add(startAt?.pointer ?? 0)
         try gpu.launch(f, grid: (UInt32(T), UInt32(H + 2 * Hkv), 1), block: (64, 1, 1), arguments: a.pointers)
     }
 
@@ -665,12 +835,16 @@ public struct GPUOps {
     static let scoreSharedBytes = 48 * 1024
 
     /// Causal GQA attention of `T` queries (positions `start...`) over a contiguous cache
-    /// `[start + T, Hkv, d]`. window nil: full causal.
+    /// `[start + T, Hkv, d]`. window nil: full causal. `startAt` (one Int32 on the device),
+    /// when given, holds the first position, and `start` is then the largest it may be (the
+    /// kernel and its shared memory are chosen for that; a captured decode step).
     public func attention(queries q: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, out: DeviceBuffer,
-                          tokens T: Int, start: Int, heads H: Int, kvHeads: Int, headDim d: Int, window: Int?) throws(CUDAError) {
+                          tokens T: Int, start: Int, startAt: DeviceBuffer? = nil,
+                          heads H: Int, kvHeads: Int, headDim d: Int, window: Int?) throws(CUDAError) {
         // The per-query kernel keeps all scores in shared memory (48 KiB: 12288 positions);
         // longer caches take the tiled kernel for decode too.
         if T >= Self.tiledAttentionMinTokens || (start + T) * 4 > Self.scoreSharedBytes, d <= 128, d % 4 == 0 {
+            guard startAt == nil else { throw .unavailable("the tiled attention kernel takes its start from the host") }
             let f = try gpu.function("attention_tiled", in: KernelSource.common)
             let a = KernelArguments()
             a.add(q); a.add(keys); a.add(values); a.add(out)
@@ -680,9 +854,9 @@ public struct GPUOps {
         let f = try gpu.function("attention", in: KernelSource.common)
         let a = KernelArguments()
         a.add(q); a.add(keys); a.add(values); a.add(out)
-        a.add(Int32(start)); a.add(Int32(H)); a.add(Int32(kvHeads)); a.add(Int32(d)); a.add(Int32(window ?? 0))
+        a.add(Int32(start)); a.add(Int32(H)); a.add(Int32(kvHeads)); a.add(Int32(d)); a.add(Int32(window ?? 0)); a.add(startAt?.pointer ?? 0)
         let positions = start + T
-        try gpu.launch(f, grid: (UInt32(T), UInt32(H), 1), block: (128, 1, 1), sharedBytes: UInt32(positions * 4), arguments: a.pointers)
+        try gpu.launch(f, grid: (UInt32(T), UInt32(H), 1), block: (256, 1, 1), sharedBytes: UInt32(positions * 4), arguments: a.pointers)
     }
 
     /// Top-k experts and renormalised weights of router logits `[T, E]` (as DuetCPU.routeTopK).
@@ -706,7 +880,7 @@ public struct GPUOps {
         let f = try gpu.function("embed_bf16", in: KernelSource.common)
         let a = KernelArguments()
         a.add(table); a.add(ids); a.add(y); a.add(Int32(D))
-        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (UInt32(min(1024, (D + 31) / 32 * 32)), 1, 1), arguments: a.pointers)
     }
 
     /// Bytes per second a read-only kernel streams from `bytes` of device memory (best of `repeats`).
@@ -756,6 +930,19 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(w1s); a.add(w3s); a.add(ids); a.add(x); a.add(h); a.add(Int32(F)); a.add(Int32(D)); a.add(Int32(k))
         try gpu.launch(f, grid: (UInt32((F + 7) / 8), UInt32(T * k), 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// x `[T, D]` += a, h = RMSNorm(x) with weight `[D]` (as `addRMSNorm`), then the router's
+    /// logits `[T, E]` = h R^T (bf16 R `[E, D]`, E <= 32) and their top-k (as `routeTopK`): one launch.
+    public func addNormRouterTopK(_ x: DeviceBuffer, adding a: DeviceBuffer, weight: DeviceBuffer, _ h: DeviceBuffer, eps: Float,
+                                  router r: DeviceBuffer, logits: DeviceBuffer, experts: DeviceBuffer, weights: DeviceBuffer,
+                                  tokens T: Int, experts E: Int, dim D: Int, k: Int) throws(CUDAError) {
+        guard E <= 32 else { throw .unavailable("add_norm_router_topk_bf16 takes at most 32 experts") }
+        let f = try gpu.function("add_norm_router_topk_bf16", in: KernelSource.common)
+        let args = KernelArguments()
+        args.add(x); args.add(a); args.add(weight); args.add(h); args.add(r); args.add(logits); args.add(experts); args.add(weights)
+        args.add(Int32(D)); args.add(eps); args.add(Int32(E)); args.add(Int32(k))
+        try gpu.launch(f, grid: (UInt32(T), 1, 1), block: (Self.rowThreads(D), 1, 1), arguments: args.pointers)
     }
 
     /// x `[T, D]` += the k experts' down projections of h, weighted by the router's weights `[T, k]`.
@@ -822,7 +1009,7 @@ public struct GPUOps {
         let status = blas.library.gemmEx(blas.handle, CUBLAS.opT, CUBLAS.opN, Int32(N), Int32(T), Int32(K), &alpha,
                                          w.pointer, CUBLAS.r16BF, Int32(K), xb.pointer, CUBLAS.r16BF, Int32(K), &beta,
                                          y.pointer, CUBLAS.r32F, Int32(N), CUBLAS.compute32F, CUBLAS.defaultAlgo)
-        gpu.countLaunch()
+        try gpu.countLaunch()
         guard status == 0 else { throw .call("cublasGemmEx", code: status, name: "cuBLAS status \(status)") }
     }
 }

@@ -244,6 +244,8 @@ struct BenchDecode: ParsableCommand {
     var memoryGib: Double = 4
     @Flag(name: .long, help: "Print only the JSON row.")
     var json = false
+    @Flag(name: .long, help: "GPU: also time every kernel of 8 more decode steps (launched one by one) against the HBM ceiling.")
+    var kernelTimes = false
 
     func run() throws {
         // The ceiling first, before the weights take memory (measured after loading many GB,
@@ -252,23 +254,26 @@ struct BenchDecode: ParsableCommand {
         var bandwidth = try measuredBandwidth(pool: pool, gib: memoryGib)
         let (model, _, loadSeconds) = try engine.load(singleSequence: true)
         let prompt = (0..<promptTokens).map { Int32(1 + ($0 * 7919) % (model.vocabSize - 1)) }
-        // GPU: launches, synchronous copies and host issue time of the decode steps.
+        // GPU: launches, synchronous copies and host time in `forward` of the decode steps
+        // after the first (which captures the decode graph).
         let gpuModel = (model as? GPULanguageModel)?.gpuModel.expertExecutor == nil ? (model as? GPULanguageModel)?.gpuModel : nil
-        var launches = 0, copies = 0, issue = 0.0, steps = 0
-        var afterPrefill: (Int, Int)? = nil
+        var launches = 0, copies = 0, issue = 0.0, steps = 0, seen = 0
+        var counted: (Int, Int)? = nil
         let result = try generate(model: model, prompt: prompt, options: GenerationOptions(maxTokens: tokens + 1, stopTokenIds: [])) { _ in
             guard let g = gpuModel else { return }
-            if let a = afterPrefill {
+            seen += 1
+            if let a = counted {
                 launches = g.device.launches - a.0; copies = g.device.synchronousCopies - a.1
                 issue += g.lastIssueSeconds; steps += 1
-            } else {
-                afterPrefill = (g.device.launches, g.device.synchronousCopies)
+            } else if seen == 2 {
+                counted = (g.device.launches, g.device.synchronousCopies)
             }
         }
         if let gpuModel = model as? GPULanguageModel, gpuModel.gpuModel.expertExecutor == nil {
             // On the GPU the ceiling is HBM: a read-only kernel over the same GPU, same run.
             bandwidth = try GPUOps(gpu: gpuModel.gpuModel.device).readBandwidth(bytes: 4 << 30)
             Console.err("GPU read ceiling \(fixed(bandwidth / 1e9, 0)) GB/s\n")
+            if kernelTimes { try printKernelTimes(gpuModel.gpuModel, lastToken: result.ids.last ?? 1, bandwidth: bandwidth) }
         } else {
             bandwidth = max(bandwidth, try measuredBandwidth(pool: pool, gib: memoryGib))  // the higher reading, as bench kernels
         }
@@ -287,10 +292,62 @@ struct BenchDecode: ParsableCommand {
         if !json {
             Console.out("decode \(fixed(row.decodeTokensPerSecond, 2)) tok/s, roofline \(fixed(row.rooflineTokensPerSecond, 2)) tok/s "
                 + "(\(fixed(bytesPerToken / 1e9, 3)) GB of weights per token at \(fixed(row.bandwidthGbps, 1)) GB/s): \(fixed(row.fraction, 2)) of roofline\n")
-            if let l = row.launchesPerToken, let c = row.synchronousCopiesPerToken, let h = row.hostIssueMsPerToken {
-                Console.out("per decode token: \(fixed(l, 0)) kernel launches, \(fixed(c, 0)) synchronous copies, "
-                    + "host issue time \(fixed(h, 3)) ms of \(fixed(1e3 / row.decodeTokensPerSecond, 3)) ms\n")
+            if let l = row.launchesPerToken, let c = row.synchronousCopiesPerToken, let h = row.hostIssueMsPerToken, let g = gpuModel {
+                let graphed = g.decodeGraphSteps > 0
+                Console.out("per decode token: \(fixed(l, 1)) launches" + (graphed ? " (one CUDA graph of \(g.decodeGraphKernels) kernels)" : "")
+                    + ", \(fixed(c, 0)) synchronous copies, host time in forward \(fixed(h, 3)) ms of \(fixed(1e3 / row.decodeTokensPerSecond, 3)) ms"
+                    + (graphed ? " (launch + wait)\n" : " (issuing launches)\n"))
             }
+        }
+    }
+
+    /// Eight decode steps launched kernel by kernel with an event after each: per kernel, its
+    /// launches and device time per token (with the gap before it), and for the kernels that
+    /// read weights, the bytes per token over that time as a fraction of the HBM ceiling.
+    private func printKernelTimes(_ model: GPUMixtral, lastToken: Int32, bandwidth: Double) throws {
+        let steps = 8, graphs = model.usesDecodeGraph
+        model.usesDecodeGraph = false
+        defer { model.usesDecodeGraph = graphs }
+        model.truncate(model.length - 1)
+        _ = try model.forward([lastToken])  // warm: the same step as timed
+        model.truncate(model.length - 1)
+        try model.device.startKernelTimer()
+        for _ in 0..<steps {
+            _ = try model.forward([lastToken])
+            model.truncate(model.length - 1)
+        }
+        let times = try model.device.stopKernelTimer()
+        let weightBytes = model.decodeWeightBytesByKernel
+        let total = times.reduce(0) { $0 + $1.seconds } / Double(steps)
+        Console.out("kernels of one decode step (eager launches, \(steps) steps; time includes the gap before each launch):\n")
+        Console.out("  kernel                 launches    us/token  share   weights GB/token  of HBM\n")
+        for t in times.sorted(by: { $0.seconds > $1.seconds }) {
+            let seconds = t.seconds / Double(steps)
+            var line = "  \(t.name.padding(toLength: 22, withPad: " ", startingAt: 0)) \(pad(fixed(Double(t.launches) / Double(steps), 0), 8))"
+                + "  \(pad(fixed(seconds * 1e6, 1), 10))  \(pad(fixed(seconds / total, 3), 5))"
+            if let bytes = weightBytes[t.name] {
+                line += "  \(pad(fixed(Double(bytes) / 1e9, 3), 16))  \(pad(fixed(Double(bytes) / seconds / bandwidth, 2), 6))"
+            }
+            Console.out(line + "\n")
+            try Console.json(KernelRow(kernel: t.name, launchesPerToken: Double(t.launches) / Double(steps), secondsPerToken: seconds,
+                                       weightBytesPerToken: weightBytes[t.name], fractionOfHBM: weightBytes[t.name].map { Double($0) / seconds / bandwidth }))
+        }
+        Console.out("  total \(fixed(total * 1e3, 3)) ms per token (eager)\n")
+    }
+
+    private func pad(_ s: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - s.count)) + s }
+
+    struct KernelRow: Encodable {
+        var bench = "decode-kernel"
+        var kernel: String
+        var launchesPerToken: Double
+        var secondsPerToken: Double
+        var weightBytesPerToken: Int?
+        var fractionOfHBM: Double?
+        enum CodingKeys: String, CodingKey {
+            case bench, kernel
+            case launchesPerToken = "launches_per_token", secondsPerToken = "s_per_token"
+            case weightBytesPerToken = "weight_bytes_per_token", fractionOfHBM = "fraction_of_hbm"
         }
     }
 
@@ -332,6 +389,8 @@ struct SelfTest: ParsableCommand {
 
     @Option(name: .long, help: "With --gpu: the golden checkpoints and HF outputs (Tests/Fixtures) to run the whole model on the GPU against.")
     var goldens = "Tests/Fixtures"
+    @Flag(name: .long, help: "Print every check (by default only failures once there are more than 200).")
+    var verbose = false
 
     func run() throws {
         let pool = ThreadPool(threads: threads ?? ThreadPool.availableCores)
@@ -356,7 +415,7 @@ struct SelfTest: ParsableCommand {
                 results.append((name: "gpu setup", error: 1, tolerance: 0, passed: false))
             }
         }
-        for c in results where !c.passed || results.count < 200 {
+        for c in results where !c.passed || verbose || results.count < 200 {
             Console.out("\(c.passed ? "ok  " : "FAIL") \(c.name): error \(c.error) (tolerance \(c.tolerance))\n")
         }
         let failed = results.filter { !$0.passed }.count

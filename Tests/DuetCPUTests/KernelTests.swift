@@ -40,6 +40,35 @@ func makeWeights(_ values: [Float], rows: Int, cols: Int, dtype: DType) -> (Weig
         #expect(relativeL2Error(out, reference) < 1e-6)
     }
 
+    /// The vectorised log-sum-exp against float64 on random logits of several sizes (tails of
+    /// 1-15 lanes included) and spreads, and with -inf entries (masked tokens).
+    @Test func logSumExpMatchesFloat64() {
+        for (n, scale) in [(1, 1.0), (15, 3.0), (16, 1.0), (17, 8.0), (1000, 0.1), (32000, 4.0), (32003, 30.0)] {
+            var x = randomFloats(n, seed: UInt64(n)).map { $0 * Float(scale) }
+            if n > 2 { x[n / 2] = -.infinity }
+            let reference = x.reduce(-Double.infinity) { max($0, Double($1)) }
+            let exact = reference + log(x.reduce(0.0) { $0 + exp(Double($1) - reference) })
+            let fast = x.withUnsafeBufferPointer(logSumExp)
+            #expect(abs(fast - exact) < 1e-6 * max(1, abs(exact)), "n \(n) scale \(scale): \(fast) vs \(exact)")
+        }
+        // +inf logits: float64's answer (inf - inf is NaN), not a finite number.
+        let infinite: [Float] = [1, .infinity, 2]
+        #expect(infinite.withUnsafeBufferPointer(logSumExp).isNaN)
+    }
+
+    /// exp on [-87, 0] (the range logSumExp feeds it) within 2e-7 relative of float64's, and
+    /// below -87 no larger than exp(-87).
+    @Test func vectorExpIsAccurate() {
+        var worst = 0.0
+        for start in stride(from: -87.0, to: 0, by: 0.37) {
+            let x = SIMD16<Float>((0..<16).map { Float(start + Double($0) * 0.0231) })
+            let y = expNonPositive(x)
+            for i in 0..<16 where x[i] <= 0 { worst = max(worst, abs(Double(y[i]) / exp(Double(x[i])) - 1)) }
+        }
+        #expect(worst < 2e-7)
+        #expect(expNonPositive(SIMD16(repeating: -1000))[0] <= Float(exp(-86.9)))
+    }
+
     /// Rotating by position p then q equals rotating by p + q (rope is a rotation), and
     /// position 0 is the identity; the first pair's angle is p (frequency 1).
     @Test func ropeIsARotationInTheRotateHalfLayout() {

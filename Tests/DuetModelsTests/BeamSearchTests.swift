@@ -49,6 +49,6 @@ struct BeamGolden: Decodable {
         let beam = try beamSearch(model: model, prompt: [1, 17, 250], options: BeamSearchOptions(width: 1, maxNewTokens: 8, stopTokenIds: []))
         let greedy = try generate(model: model, prompt: [1, 17, 250], options: GenerationOptions(maxTokens: 8, stopTokenIds: []))
         #expect(beam.map(\.ids) == [greedy.ids])
-        #expect(abs(beam[0].score - greedy.logProbability / 8) < 1e-9)
+        #expect(abs(beam[0].score - greedy.logProbability / 8) < 1e-7)  // float32 exp inside logSumExp
     }
 }
