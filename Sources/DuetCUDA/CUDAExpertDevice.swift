@@ -13,8 +13,12 @@ import DuetRuntime
 /// slot has finished, and each expert's compute waiting only for its own copy — so copies
 /// overlap compute, and the host thread, free after `submit`, computes the CPU's experts.
 ///
+/// With the dense layers on the same GPU (`GPUActivations`), a step's rows are instead
+/// gathered on the device from the hidden state the dense layers left there, and each
+/// output is added, times its router weight, into their MoE output (`ResidentActivationDevice`).
+///
 /// Shape letters as in DuetModels/Mixtral.swift.
-public final class CUDAExpertDevice: ExpertDevice {
+public final class CUDAExpertDevice: ExpertDevice, ResidentActivationDevice {
     public let gpu: GPU
     private let ops: GPUOps
     public let name: String
@@ -28,11 +32,19 @@ public final class CUDAExpertDevice: ExpertDevice {
     private var rowCapacity = 0
     private var input: DeviceBuffer?, output: DeviceBuffer?
     private var hostIn: UnsafeMutableRawPointer?, hostOut: UnsafeMutableRawPointer?
+    /// Resident activations: each row's token `[rows]` (Int32) and router weight `[rows]`,
+    /// side by side on the device and in page-locked host memory.
+    private var rowRoutes: DeviceBuffer?, hostRoutes: UnsafeMutableRawPointer?
     /// `[chunk, F]` gate and up activations; an expert's tokens run in chunks of this many rows.
     private var gateRows: DeviceBuffer?, upRows: DeviceBuffer?
     /// Quantized experts: one matrix dequantized to bf16 `[F, D]` for cuBLAS (prefill).
     private var dequantized: DeviceBuffer?
     static let chunkRows = 256
+    /// GEMM token counts are rounded up to a multiple of this (cuBLAS picks its algorithm once
+    /// per shape, a cost of the order of the GEMM itself, so a prompt's ever-different
+    /// per-expert counts would pay it every time); the input and output staging keep this
+    /// many spare rows for the rounding, whose outputs are ignored.
+    static let gemmRowMultiple = 32
     private var registered: [UnsafeMutableRawPointer] = []
     private var pending: (rows: Int, copied: Bool)?
     static let category = "experts", workspace = "offload workspace"
@@ -63,6 +75,7 @@ public final class CUDAExpertDevice: ExpertDevice {
         for p in registered { _ = gpu.driver.cuMemHostUnregister(p) }
         if let hostIn { _ = gpu.driver.cuMemFreeHost(hostIn) }
         if let hostOut { _ = gpu.driver.cuMemFreeHost(hostOut) }
+        if let hostRoutes { _ = gpu.driver.cuMemFreeHost(hostRoutes) }
     }
 
     public var memory: DeviceMemory { DeviceMemory(limit: gpu.budget.limit, used: gpu.budget.used, peak: gpu.budget.peak) }
@@ -74,7 +87,7 @@ public final class CUDAExpertDevice: ExpertDevice {
     /// and for quantized experts one matrix dequantized to bf16 (what cuBLAS multiplies).
     public static func workspaceBytes(shape: ExpertShape, maxRows: Int) -> Int {
         let chunk = min(maxRows, Self.chunkRows)
-        return 2 * maxRows * shape.hidden * 4 + 2 * chunk * shape.ffn * 4 + GPU.workspaceSizeClass(chunk * max(shape.hidden, shape.ffn) * 2)
+        return 2 * (maxRows + gemmRowMultiple) * shape.hidden * 4 + 2 * maxRows * 4 + 2 * chunk * shape.ffn * 4 + GPU.workspaceSizeClass(chunk * max(shape.hidden, shape.ffn) * 2)
             + (shape.format != nil ? shape.hidden * shape.ffn * 2 : 0)
     }
 
@@ -108,18 +121,22 @@ public final class CUDAExpertDevice: ExpertDevice {
     /// within the budget).
     private func ensureRows(_ rows: Int) throws(CUDAError) {
         guard rows > rowCapacity else { return }
-        let bytes = max(rows, 1) * shape.hidden * 4, chunkBytes = min(max(rows, 1), Self.chunkRows) * shape.ffn * 4
-        input = nil; output = nil; gateRows = nil; upRows = nil
+        let bytes = (max(rows, 1) + Self.gemmRowMultiple) * shape.hidden * 4
+        let chunkBytes = min(max(rows, 1) + Self.gemmRowMultiple, Self.chunkRows) * shape.ffn * 4
+        input = nil; output = nil; gateRows = nil; upRows = nil; rowRoutes = nil
         rowCapacity = 0  // until the new buffers exist (a failure here leaves none)
         input = try gpu.allocate(bytes, category: Self.workspace)
         output = try gpu.allocate(bytes, category: Self.workspace)
+        rowRoutes = try gpu.allocate(max(rows, 1) * 8, category: Self.workspace)
         gateRows = try gpu.allocate(chunkBytes, category: Self.workspace)
         upRows = try gpu.allocate(chunkBytes, category: Self.workspace)
-        for p in [hostIn, hostOut] { if let p { _ = gpu.driver.cuMemFreeHost(p) } }
+        for p in [hostIn, hostOut, hostRoutes] { if let p { _ = gpu.driver.cuMemFreeHost(p) } }
         hostIn = nil
         hostOut = nil
+        hostRoutes = nil
         try gpu.driver.check(gpu.driver.cuMemHostAlloc(&hostIn, bytes, 0), "cuMemHostAlloc")
         try gpu.driver.check(gpu.driver.cuMemHostAlloc(&hostOut, bytes, 0), "cuMemHostAlloc")
+        try gpu.driver.check(gpu.driver.cuMemHostAlloc(&hostRoutes, max(rows, 1) * 8, 0), "cuMemHostAlloc")
         rowCapacity = rows
     }
 
@@ -163,17 +180,45 @@ public final class CUDAExpertDevice: ExpertDevice {
 
     public func submit(_ jobs: [DeviceJob], input x: [Float]) throws(DeviceError) {
         guard pending == nil else { throw .failed("GPU device: submit before the previous step was collected") }
-        try mapped { () throws(CUDAError) in try issue(jobs, x) }
+        try mapped { () throws(CUDAError) in try issue(jobs, .host(x)) }
     }
 
-    private func issue(_ jobs: [DeviceJob], _ x: [Float]) throws(CUDAError) {
+    public func holds(_ activations: any DeviceActivations) -> Bool {
+        (activations as? GPUActivations)?.hidden.gpu.driver === gpu.driver
+    }
+
+    public func submit(_ jobs: [DeviceJob], rows: [[ExpertAssignment]], on activations: any DeviceActivations) throws(DeviceError) {
+        guard pending == nil else { throw .failed("GPU device: submit before the previous step was collected") }
+        guard let a = activations as? GPUActivations, holds(a) else { throw .failed("GPU device: activations of another device") }
+        try mapped { () throws(CUDAError) in try issue(jobs, .resident(rows.flatMap { $0 }, a)) }
+    }
+
+    /// Where a step's input rows come from and its outputs go: rows sent from the host (and
+    /// outputs sent back), or read from and added into activations on this GPU.
+    private enum Rows {
+        case host([Float])
+        case resident([ExpertAssignment], GPUActivations)
+    }
+
+    private func issue(_ jobs: [DeviceJob], _ source: Rows) throws(CUDAError) {
         let d = gpu.driver, D = shape.hidden
         let rows = jobs.reduce(0) { $0 + $1.tokens }
         try ensureRows(rows)
-        guard let input, let output, let hostIn, let hostOut else { throw .unavailable("offload staging buffers missing") }
-        x.withUnsafeBytes { copyMemory(hostIn, $0.baseAddress!, bytes: rows * D * 4, pool: hostPool) }
+        guard let input, let output, let hostIn, let hostOut, let rowRoutes, let hostRoutes else { throw .unavailable("offload staging buffers missing") }
         try d.check(d.cuEventRecord(computeStart, compute), "cuEventRecord")
-        try d.check(d.cuMemcpyHtoDAsync(input.pointer, hostIn, rows * D * 4, compute), "cuMemcpyHtoDAsync")
+        switch source {
+        case .host(let x):
+            x.withUnsafeBytes { copyMemory(hostIn, $0.baseAddress!, bytes: rows * D * 4, pool: hostPool) }
+            try d.check(d.cuMemcpyHtoDAsync(input.pointer, hostIn, rows * D * 4, compute), "cuMemcpyHtoDAsync")
+        case .resident(let routes, let a):
+            for (i, r) in routes.enumerated() {
+                hostRoutes.storeBytes(of: Int32(r.token), toByteOffset: i * 4, as: Int32.self)
+                hostRoutes.storeBytes(of: r.weight, toByteOffset: (rows + i) * 4, as: Float.self)
+            }
+            try d.check(d.cuMemcpyHtoDAsync(rowRoutes.pointer, hostRoutes, rows * 8, compute), "cuMemcpyHtoDAsync")
+            try d.check(d.cuMemsetD32Async(a.output.pointer, 0, a.tokens * D, compute), "cuMemsetD32Async")
+            if rows > 0 { try ops.gatherRows(a.hidden, indices: rowRoutes, input, rows: rows, dim: D) }
+        }
         var copied = false, row = 0
         for job in jobs {
             if let expert = job.copy {
@@ -183,12 +228,24 @@ public final class CUDAExpertDevice: ExpertDevice {
             }
             try runExpert(slot: job.slot, rows: row..<(row + job.tokens), input: input, output: output)
             try d.check(d.cuEventRecord(slotFree[job.slot], compute), "cuEventRecord")
+            if case .resident(_, let a) = source, job.tokens > 0 {
+                // This expert's rows, times their weights, into the tokens' output rows (one
+                // expert per launch, so no two blocks add into the same row).
+                let span = row..<(row + job.tokens)
+                try ops.scatterAddRows(a.output, output.view(offset: row * D * 4, bytes: job.tokens * D * 4),
+                                       indices: rowRoutes.view(offset: span.lowerBound * 4, bytes: span.count * 4),
+                                       weights: rowRoutes.view(offset: (rows + span.lowerBound) * 4, bytes: span.count * 4), rows: job.tokens, dim: D)
+            }
             row += job.tokens
         }
         if copied { try d.check(d.cuEventRecord(copyEnd, copies), "cuEventRecord") }
-        try d.check(d.cuMemcpyDtoHAsync(hostOut, output.pointer, rows * D * 4, compute), "cuMemcpyDtoHAsync")
+        var hostRows = 0
+        if case .host = source {
+            try d.check(d.cuMemcpyDtoHAsync(hostOut, output.pointer, rows * D * 4, compute), "cuMemcpyDtoHAsync")
+            hostRows = rows
+        }
         try d.check(d.cuEventRecord(computeEnd, compute), "cuEventRecord")
-        pending = (rows, copied)
+        pending = (hostRows, copied)
     }
 
     /// DMA of an expert's three matrices into `slot` once its previous job there is done;
@@ -212,7 +269,10 @@ public final class CUDAExpertDevice: ExpertDevice {
         let w1 = slots[slot].view(offset: 0, bytes: parts[0]), w3 = slots[slot].view(offset: parts[0], bytes: parts[1])
         let w2 = slots[slot].view(offset: parts[0] + parts[1], bytes: parts[2])
         for start in stride(from: rows.lowerBound, to: rows.upperBound, by: Self.chunkRows) {
-            let n = min(Self.chunkRows, rows.upperBound - start)
+            var n = min(Self.chunkRows, rows.upperBound - start)
+            // GEMM-sized chunks run rounded up (the spare rows' outputs land past this job's
+            // rows, where the next job or nothing writes later).
+            if n >= gpu.gemmMinTokens { n = min(Self.chunkRows, (n + Self.gemmRowMultiple - 1) / Self.gemmRowMultiple * Self.gemmRowMultiple) }
             let x = input.view(offset: start * D * 4, bytes: n * D * 4), y = output.view(offset: start * D * 4, bytes: n * D * 4)
             try matmul(x, w1, gateRows, rows: F, cols: D, tokens: n)
             try matmul(x, w3, upRows, rows: F, cols: D, tokens: n)
@@ -246,5 +306,18 @@ public final class CUDAExpertDevice: ExpertDevice {
             }
             return DeviceResult(outputs: outputs, copySeconds: Double(copyMs) / 1000, computeSeconds: Double(computeMs) / 1000)
         }
+    }
+}
+
+/// A step's hidden state `[T, D]` and MoE output `[T, D]` on the GPU (the dense layers'
+/// buffers), for an expert device on the same GPU to read and add into.
+public final class GPUActivations: DeviceActivations {
+    let hidden: DeviceBuffer
+    let output: DeviceBuffer
+    let tokens: Int
+    init(hidden: DeviceBuffer, output: DeviceBuffer, tokens: Int) {
+        self.hidden = hidden
+        self.output = output
+        self.tokens = tokens
     }
 }

@@ -222,11 +222,22 @@ public final class GPU: @unchecked Sendable {
     /// copied on this GPU's stream (work issued later on the stream sees them). The staging
     /// is reused only after the previous upload has finished.
     public func uploadAsync(_ values: [Float], into b: DeviceBuffer) throws(CUDAError) {
+        try uploadAsync([values], into: b)
+    }
+
+    /// Several arrays, one after another, into the start of `b` in one copy (as above).
+    public func uploadAsync(_ parts: [[Float]], into b: DeviceBuffer) throws(CUDAError) {
         if uploadDone == nil { try driver.check(driver.cuEventCreate(&uploadDone, 2), "cuEventCreate") }  // CU_EVENT_DISABLE_TIMING
         try driver.check(driver.cuEventSynchronize(uploadDone), "cuEventSynchronize")
-        let host = try staging(&stagingUp, values.count * 4)
-        values.withUnsafeBytes { copyMemory(host, $0.baseAddress!, bytes: $0.count, pool: hostPool) }
-        try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, host, values.count * 4, stream), "cuMemcpyHtoDAsync")
+        let total = parts.reduce(0) { $0 + $1.count } * 4
+        guard total > 0 else { return }
+        let host = try staging(&stagingUp, total)
+        var offset = 0
+        for part in parts {
+            part.withUnsafeBytes { if $0.count > 0 { copyMemory(host + offset, $0.baseAddress!, bytes: $0.count, pool: hostPool) } }
+            offset += part.count * 4
+        }
+        try driver.check(driver.cuMemcpyHtoDAsync(b.pointer, host, total, stream), "cuMemcpyHtoDAsync")
         try driver.check(driver.cuEventRecord(uploadDone, stream), "cuEventRecord")
     }
 

@@ -313,9 +313,16 @@ public final class GPUMixtral {
         }
     }
 
+    /// Steps of at least this many tokens (prompts) let an expert device on this GPU read the
+    /// hidden state and add into the MoE output here; smaller ones (decode: a few rows, where
+    /// the extra launches would cost more than the copies) send their rows through the host.
+    public var residentActivationsMinTokens = 16
+
     /// The MoE through the offload executor: the normed hidden state `[T, D]` and router logits
     /// `[T, E]` come down, the router runs on the host exactly as on the CPU path, and the
-    /// executor's combined expert output `[T, D]` goes up into `out`.
+    /// executor's combined expert output `[T, D]` goes up into `out` — or, for large steps
+    /// with the executor's device on this GPU, its experts add into `out` here and only the
+    /// CPU's experts' rows go up, to be added there too (`addRows`).
     private func offloadExperts(_ h: DeviceBuffer, routerLogits: DeviceBuffer, layer l: Int, executor: any ExpertExecutor,
                                 into out: DeviceBuffer, tokens T: Int) throws(CUDAError) {
         let c = config, D = c.hiddenSize, E = c.numLocalExperts
@@ -325,10 +332,41 @@ public final class GPUMixtral {
         start = ContinuousClock.now
         let assignments = expertAssignments(DuetCPU.routeTopK(down[1], tokens: T, experts: E, k: c.numExpertsPerToken), experts: E)
         offloadTiming.routeSeconds += secondsSince(start)
+        if T >= residentActivationsMinTokens,
+           let result = executor.runExperts(layer: l, hidden: down[0], assignments: assignments, tokens: T,
+                                            on: GPUActivations(hidden: h, output: out, tokens: T)) {
+            start = ContinuousClock.now
+            switch result {
+            case .added(let cpu): try addRows(cpu, into: out)
+            case .replaced(let y): try gpu.uploadAsync(y, into: out)
+            }
+            offloadTiming.uploadSeconds += secondsSince(start)
+            return
+        }
         let y = executor.runExperts(layer: l, hidden: down[0], assignments: assignments, tokens: T)
         start = ContinuousClock.now
         try gpu.uploadAsync(y, into: out)
         offloadTiming.uploadSeconds += secondsSince(start)
+    }
+
+    /// out `[T, D]` += each part's output rows times their router weights, at their tokens: the
+    /// rows `[Σ Te, D]` with each row's token and weight go up in one copy, then one
+    /// scatter-add per part (an expert: no token twice in a launch), in the parts' order.
+    private func addRows(_ parts: [(rows: [ExpertAssignment], output: [Float])], into out: DeviceBuffer) throws(CUDAError) {
+        let D = config.hiddenSize, n = parts.reduce(0) { $0 + $1.rows.count }
+        guard n > 0 else { return }
+        // Tokens ride along as the bit patterns of floats, so one staged copy carries everything.
+        let routes = parts.flatMap { $0.rows.map { Float(bitPattern: UInt32(truncatingIfNeeded: $0.token)) } } + parts.flatMap { $0.rows.map(\.weight) }
+        let staged = try gpu.allocate((n * D + 2 * n) * 4, category: GPU.workspace)
+        try gpu.uploadAsync(parts.map(\.output) + [routes], into: staged)
+        var row = 0
+        for part in parts where !part.rows.isEmpty {
+            let m = part.rows.count
+            try ops.scatterAddRows(out, staged.view(offset: row * D * 4, bytes: m * D * 4),
+                                   indices: staged.view(offset: (n * D + row) * 4, bytes: m * 4),
+                                   weights: staged.view(offset: (n * D + n + row) * 4, bytes: m * 4), rows: m, dim: D)
+            row += m
+        }
     }
 
     /// The MoE half of a layer on the GPU without a host round trip (bf16 experts, few

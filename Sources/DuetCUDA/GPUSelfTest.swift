@@ -382,7 +382,9 @@ public enum GPUSelfTest {
                 }
             }
             for policy in OffloadPolicy.allCases {
-              for denseOnGPU in [false, true] {
+              // Dense layers on the CPU; on the GPU with decode rows sent through the host; on
+              // the GPU with every step's rows read and added on the device (resident activations).
+              for (denseOnGPU, activationsOnGPU) in [(false, false), (true, false), (true, true)] {
                 let model = try MixtralModel(directory: joinPath(goldens, name), kernels: .reference())
                 if let format { try model.quantizeExperts(format, cacheDirectory: nil) }
                 let c = model.config, L = c.numHiddenLayers, E = c.numLocalExperts
@@ -394,6 +396,7 @@ public enum GPUSelfTest {
                 // With the dense layers on the GPU they come first in the same budget.
                 let gpu = try GPU(memoryLimit: budget + (denseOnGPU ? 64 << 20 : 0))
                 let dense = denseOnGPU ? try GPUMixtral(model, gpu: gpu, maxPositions: 64, experts: false) : nil
+                if activationsOnGPU { dense?.residentActivationsMinTokens = 1 }
                 let device = try CUDAExpertDevice(gpu: GPU(sharing: gpu))
                 let order: ExpertPlacement.Order = policy == .layerSplit ? .wholeLayers : .layerBalanced
                 let executor = try OffloadExecutor(model: model, device: device, policy: policy,
@@ -401,7 +404,7 @@ public enum GPUSelfTest {
                                                    latency: .unmeasured, maxRows: maxRows)
                 _ = executor.pinStreamedExperts()
                 if policy == .fiddler { _ = try executor.calibrate(tokenCounts: [1, 4], repeats: 2, fingerprint: "selftest") }
-                let label = "offload \(policy.rawValue) dense-on-\(denseOnGPU ? "gpu" : "cpu") \(name)" + (format.map { " \($0.rawValue) experts vs CPU \($0.rawValue)" } ?? "")
+                let label = "offload \(policy.rawValue) dense-on-\(denseOnGPU ? "gpu" : "cpu")\(activationsOnGPU ? " resident activations" : "") \(name)" + (format.map { " \($0.rawValue) experts vs CPU \($0.rawValue)" } ?? "")
                 func forward(_ tokens: [Int32], _ cache: KVCache) throws -> [Float] {
                     if let dense { return try dense.forward(tokens) }
                     return try model.forward(tokens, cache: cache, allLogits: false)

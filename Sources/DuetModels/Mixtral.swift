@@ -461,6 +461,32 @@ public protocol ExpertExecutor: AnyObject {
     /// ascending expert order (`combineExperts`), so the result does not depend on where
     /// each expert ran. `assignments[e]`: the tokens routed to expert e.
     func runExperts(layer: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float]
+
+    /// The same step for a model whose hidden state and MoE output also live on the
+    /// executor's device (`activations`): the device's experts read their rows there and add
+    /// their weighted outputs into the output there, so only the CPU's part crosses to the
+    /// device. nil: not possible here (the caller takes `runExperts` above).
+    func runExperts(layer: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int,
+                    on activations: any DeviceActivations) -> DeviceStepOutput?
+}
+
+extension ExpertExecutor {
+    public func runExperts(layer: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int,
+                           on activations: any DeviceActivations) -> DeviceStepOutput? { nil }
+}
+
+/// A step's hidden state `[T, D]` and MoE output `[T, D]` where an accelerator keeps them
+/// (opaque here: the device they belong to reads them).
+public protocol DeviceActivations: AnyObject {}
+
+/// What a step run on device-resident activations left for the caller.
+public enum DeviceStepOutput {
+    /// The device's experts' weighted outputs are in the device output; add the CPU's experts'
+    /// (in ascending expert order: each one's tokens with their router weights, and its
+    /// output rows `[Te, D]`) to it.
+    case added(cpu: [(rows: [ExpertAssignment], output: [Float])])
+    /// The device's work failed and everything ran on the host: the output is this `[T, D]`.
+    case replaced([Float])
 }
 
 /// Per expert, the tokens the router sent to it with their weights, in token order. `(E)`

@@ -124,11 +124,7 @@ private func topContinuations(_ beams: [(score: Double, logits: [Float])], count
     var all: [(beam: Int, token: Int32, score: Double)] = []
     for (b, beam) in beams.enumerated() {
         let logits = beam.logits
-        var m = -Double.infinity
-        for v in logits { m = max(m, Double(v)) }
-        var total = 0.0
-        for v in logits { total += exp(Double(v) - m) }
-        let logZ = m + log(total)
+        let logZ = logits.withUnsafeBufferPointer(logSumExp)
         // This beam's own best `count` tokens are enough for the overall best `count`.
         for v in topIndices(logits, count) { all.append((b, Int32(v), beam.score + Double(logits[v]) - logZ)) }
     }

@@ -124,6 +124,18 @@ public protocol ExpertDevice: AnyObject {
     func collect() throws(DeviceError) -> DeviceResult
 }
 
+/// A device that can also run a step on activations that already live on it (the dense
+/// layers on the same GPU): it gathers each job's token rows from the hidden state there,
+/// and adds each output times its router weight into the output there (zeroed first), so no
+/// activation row of its experts crosses PCIe and the host neither gathers nor combines them.
+public protocol ResidentActivationDevice: ExpertDevice {
+    /// Whether `activations` live on this device.
+    func holds(_ activations: any DeviceActivations) -> Bool
+    /// Starts the step: `rows[j]` are job j's tokens and router weights. `collect` then
+    /// returns no outputs (they are in `activations`).
+    func submit(_ jobs: [DeviceJob], rows: [[ExpertAssignment]], on activations: any DeviceActivations) throws(DeviceError)
+}
+
 /// The CPU in the device role: slots are host buffers within a budget, filled by copying
 /// the weights (as DMA would), and the experts run on a thread pool of their own, on a
 /// thread of their own, while the executor's CPU experts run on the main pool. Same

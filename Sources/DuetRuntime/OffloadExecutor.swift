@@ -34,6 +34,8 @@ public struct OffloadStats: Sendable, Equatable {
     /// Whole MoE layer steps (planning, gathering, submitting, CPU experts, waiting, combining):
     /// minus CPU and wait, the executor's own host overhead.
     public var stepSeconds = 0.0
+    /// Of the executor's own work: handing the device its step (issuing copies and launches).
+    public var submitSeconds = 0.0
     public var deviceCopySeconds = 0.0
     public var deviceComputeSeconds = 0.0
     /// Device failures that sent experts back to the CPU.
@@ -59,6 +61,7 @@ public struct OffloadStats: Sendable, Equatable {
         d.cpuSeconds = cpuSeconds - earlier.cpuSeconds
         d.deviceWaitSeconds = deviceWaitSeconds - earlier.deviceWaitSeconds
         d.stepSeconds = stepSeconds - earlier.stepSeconds
+        d.submitSeconds = submitSeconds - earlier.submitSeconds
         d.deviceCopySeconds = deviceCopySeconds - earlier.deviceCopySeconds
         d.deviceComputeSeconds = deviceComputeSeconds - earlier.deviceComputeSeconds
         d.fallbacks = fallbacks - earlier.fallbacks
@@ -154,6 +157,26 @@ public final class OffloadExecutor: ExpertExecutor {
     }
 
     public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float] {
+        let (outputs, _) = step(layer: l, hidden: h, assignments: assignments, on: nil)
+        return combineExperts(outputs, assignments, tokens: T, dim: model.config.hiddenSize, pool: pool)
+    }
+
+    public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int,
+                           on activations: any DeviceActivations) -> DeviceStepOutput? {
+        guard let device = device as? ResidentActivationDevice, device.holds(activations) else { return nil }
+        let (outputs, deviceAdded) = step(layer: l, hidden: h, assignments: assignments, on: (device, activations))
+        let D = model.config.hiddenSize
+        if !deviceAdded { return .replaced(combineExperts(outputs, assignments, tokens: T, dim: D, pool: pool)) }
+        return .added(cpu: outputs.indices.compactMap { e in outputs[e].map { (assignments[e], $0) } })
+    }
+
+    /// One layer's experts: the plan, the device's jobs submitted (their rows gathered here
+    /// and sent, or read by the device where `resident` activations live), the CPU's experts
+    /// computed meanwhile, the device collected. Returns each expert's output rows `[Te, D]`
+    /// that the host holds (nil for experts whose outputs the device added into `resident`'s
+    /// output), and whether the device did so.
+    private func step(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]],
+                      on resident: (device: ResidentActivationDevice, activations: any DeviceActivations)?) -> (outputs: [[Float]?], deviceAdded: Bool) {
         let D = model.config.hiddenSize, E = assignments.count
         let stepStart = ContinuousClock.now
         defer { stats.stepSeconds += secondsSince(stepStart) }
@@ -170,11 +193,16 @@ public final class OffloadExecutor: ExpertExecutor {
             let (slot, copy) = slotFor(ExpertKey(layer: l, expert: e))
             jobs.append(DeviceJob(slot: slot, copy: copy ? model.layers[l].experts[e] : nil, tokens: assignments[e].count))
         }
-        let input = gatherRows(h, deviceExperts.flatMap { assignments[$0] }, dim: D, pool: pool)  // [Σ Te, D] in job order
         var submitted = false
         if !jobs.isEmpty {
+            let submitStart = ContinuousClock.now
+            defer { stats.submitSeconds += secondsSince(submitStart) }
             do {
-                try device.submit(jobs, input: input)
+                if let resident {
+                    try resident.device.submit(jobs, rows: deviceExperts.map { assignments[$0] }, on: resident.activations)
+                } else {
+                    try device.submit(jobs, input: gatherRows(h, deviceExperts.flatMap { assignments[$0] }, dim: D, pool: pool))  // [Σ Te, D] in job order
+                }
                 submitted = true
             } catch {
                 fallBack(error, experts: deviceExperts, copied: plan.copied, layer: l)
@@ -188,16 +216,22 @@ public final class OffloadExecutor: ExpertExecutor {
         }
         let cpuSeconds = secondsSince(cpuStart)
 
+        var deviceAdded = false
         if submitted {
             let waitStart = ContinuousClock.now
             do {
                 let result = try device.collect()
-                var row = 0
-                for (job, e) in zip(jobs, deviceExperts) {
-                    outputs[e] = slice(result.outputs, rows: row..<(row + job.tokens), dim: D)
-                    row += job.tokens
+                let rows = jobs.reduce(0) { $0 + $1.tokens }
+                if resident != nil {
+                    deviceAdded = true
+                } else {
+                    var row = 0
+                    for (job, e) in zip(jobs, deviceExperts) {
+                        outputs[e] = slice(result.outputs, rows: row..<(row + job.tokens), dim: D)
+                        row += job.tokens
+                    }
                 }
-                record(plan, assignments: assignments, result: result, rows: row)
+                record(plan, assignments: assignments, result: result, activationRows: resident == nil ? rows : 0)
             } catch {
                 fallBack(error, experts: deviceExperts, copied: plan.copied, layer: l)
                 for e in deviceExperts {
@@ -217,7 +251,7 @@ public final class OffloadExecutor: ExpertExecutor {
         stats.plannedSeconds += plan.makespan
         if let reference { stats.boundSeconds += ExpertPlanner.plan(loads, model: reference).makespan }
         model.expertUsage.addCPU(tokenExperts: cpuTokenExperts, seconds: cpuSeconds)
-        return combineExperts(outputs, assignments, tokens: T, dim: D, pool: pool)
+        return (outputs, deviceAdded)
     }
 
     /// The model's thread pool: the host-side copies of a prompt's activations use it too.
@@ -290,7 +324,8 @@ public final class OffloadExecutor: ExpertExecutor {
         swapSlots[l].append(slot)
     }
 
-    private func record(_ plan: ExpertPlanner.Plan, assignments: [[ExpertAssignment]], result: DeviceResult, rows: Int) {
+    /// `activationRows`: rows of activations that crossed to the device and back.
+    private func record(_ plan: ExpertPlanner.Plan, assignments: [[ExpertAssignment]], result: DeviceResult, activationRows rows: Int) {
         stats.residentTokenExperts += plan.resident.reduce(0) { $0 + assignments[$1].count }
         stats.copiedTokenExperts += plan.copied.reduce(0) { $0 + assignments[$1].count }
         stats.copiedExperts += plan.copied.count
