@@ -320,10 +320,10 @@ struct BenchDecode: ParsableCommand {
         let weightBytes = model.decodeWeightBytesByKernel
         let total = times.reduce(0) { $0 + $1.seconds } / Double(steps)
         Console.out("kernels of one decode step (eager launches, \(steps) steps; time includes the gap before each launch):\n")
-        Console.out("  kernel                 launches    us/token  share   weights GB/token  of HBM\n")
+        Console.out("  kernel                     launches    us/token  share   weights GB/token  of HBM\n")
         for t in times.sorted(by: { $0.seconds > $1.seconds }) {
             let seconds = t.seconds / Double(steps)
-            var line = "  \(t.name.padding(toLength: 22, withPad: " ", startingAt: 0)) \(pad(fixed(Double(t.launches) / Double(steps), 0), 8))"
+            var line = "  \(t.name.padding(toLength: 26, withPad: " ", startingAt: 0)) \(pad(fixed(Double(t.launches) / Double(steps), 0), 8))"
                 + "  \(pad(fixed(seconds * 1e6, 1), 10))  \(pad(fixed(seconds / total, 3), 5))"
             if let bytes = weightBytes[t.name] {
                 line += "  \(pad(fixed(Double(bytes) / 1e9, 3), 16))  \(pad(fixed(Double(bytes) / seconds / bandwidth, 2), 6))"
