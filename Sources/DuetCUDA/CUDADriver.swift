@@ -73,6 +73,7 @@ final class CUDADriver: @unchecked Sendable {
     let cuEventSynchronize: @convention(c) (OpaquePointer?) -> Int32
     let cuEventElapsedTime: @convention(c) (UnsafeMutablePointer<Float>, OpaquePointer?, OpaquePointer?) -> Int32
     let cuEventDestroy: @convention(c) (OpaquePointer?) -> Int32
+    let cuMemcpyDtoDAsync: @convention(c) (CUdeviceptr, CUdeviceptr, Int, OpaquePointer?) -> Int32
     let cuMemsetD32Async: @convention(c) (CUdeviceptr, UInt32, Int, OpaquePointer?) -> Int32
     let cuMemcpyHtoDAsync: @convention(c) (CUdeviceptr, UnsafeRawPointer, Int, OpaquePointer?) -> Int32
     let cuMemcpyDtoHAsync: @convention(c) (UnsafeMutableRawPointer, CUdeviceptr, Int, OpaquePointer?) -> Int32
@@ -122,6 +123,7 @@ final class CUDADriver: @unchecked Sendable {
         cuEventSynchronize = try sym("cuEventSynchronize", type(of: cuEventSynchronize))
         cuEventElapsedTime = try sym("cuEventElapsedTime", type(of: cuEventElapsedTime))
         cuEventDestroy = try sym("cuEventDestroy_v2", type(of: cuEventDestroy))
+        cuMemcpyDtoDAsync = try sym("cuMemcpyDtoDAsync_v2", type(of: cuMemcpyDtoDAsync))
         cuMemsetD32Async = try sym("cuMemsetD32Async", type(of: cuMemsetD32Async))
         cuMemcpyHtoDAsync = try sym("cuMemcpyHtoDAsync_v2", type(of: cuMemcpyHtoDAsync))
         cuMemcpyDtoHAsync = try sym("cuMemcpyDtoHAsync_v2", type(of: cuMemcpyDtoHAsync))

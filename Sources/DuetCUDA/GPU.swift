@@ -256,6 +256,11 @@ public final class GPU: @unchecked Sendable {
         return b
     }
 
+    /// `bytes` from the start of `source` to the start of `destination`, on this GPU's stream.
+    func copyAsync(from source: DeviceBuffer, to destination: DeviceBuffer, bytes: Int) throws(CUDAError) {
+        try driver.check(driver.cuMemcpyDtoDAsync(destination.pointer, source.pointer, bytes, stream), "cuMemcpyDtoDAsync")
+    }
+
     /// `values` into the start of an existing buffer (synchronous).
     public func copy(_ values: [Float], into b: DeviceBuffer) throws(CUDAError) {
         try values.withUnsafeBytes { bytes in Result { () throws(CUDAError) in try copy(bytes, into: b) } }.get()

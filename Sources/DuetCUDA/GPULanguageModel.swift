@@ -1,20 +1,25 @@
 import DuetCore
 import DuetModels
 
-/// `--strategy gpu-only`: GPUMixtral behind the LanguageModel interface, for one sequence at
-/// a time. The KVCache handed out only counts positions; the keys and values live on the GPU.
+/// `--strategy gpu-only` (and the dense-on-GPU offload layout): GPUMixtral behind the
+/// LanguageModel interface. The KVCache objects handed out only count positions; the keys and
+/// values live on the GPU, one region (slot) per sequence: one sequence by default, several
+/// for beam search and batches (`sequences`). Forks of a cache take over or copy their
+/// parent's slot (`SequenceSlots`).
 public final class GPULanguageModel: LanguageModel {
     public let cpuModel: MixtralModel
     public let gpuModel: GPUMixtral
-    private weak var activeCache: KVCache?
+    private var slots: SequenceSlots
     /// Most tokens one GPU forward runs (longer prompts go in chunks).
     public var prefillChunk = 2048
 
     /// `experts: false` uploads everything but the experts (Fiddler's layout; set
-    /// `gpuModel.expertExecutor`); `maxPositions` bounds the GPU's KV cache.
-    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil, experts: Bool = true) throws(CUDAError) {
+    /// `gpuModel.expertExecutor`); `maxPositions` bounds each sequence's GPU KV cache;
+    /// `sequences`: how many sequences the GPU holds at once.
+    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil, sequences: Int = 1, experts: Bool = true) throws(CUDAError) {
         cpuModel = model
-        gpuModel = try GPUMixtral(model, gpu: gpu, maxPositions: maxPositions, experts: experts)
+        gpuModel = try GPUMixtral(model, gpu: gpu, maxPositions: maxPositions, sequences: sequences, experts: experts)
+        slots = SequenceSlots(count: gpuModel.sequences)
     }
 
     public var vocabSize: Int { cpuModel.vocabSize }
@@ -22,32 +27,38 @@ public final class GPULanguageModel: LanguageModel {
     public var eosTokenIds: [Int] { cpuModel.eosTokenIds }
     public var bosTokenId: Int? { cpuModel.bosTokenId }
     public var summary: ModelSummary { cpuModel.summary }
-    public var maxBatchItems: Int? { 1 }
+    /// One slot stays for a sequence the batch's ones are forked from (beam search's prompt).
+    public var maxBatchItems: Int? { max(1, gpuModel.sequences - 1) }
     /// The executor reports into the CPU model's counters.
     public var expertUsage: ExpertUsage { gpuModel.expertExecutor == nil ? gpuModel.expertUsage : cpuModel.expertUsage }
     public func makeCache() -> KVCache { cpuModel.makeCache() }
     public func makeCachePool(memoryLimit: Int?, blockSize: Int) -> KVBlockPool { cpuModel.makeCachePool(memoryLimit: memoryLimit, blockSize: blockSize) }
 
+    /// The slots of one step's sequences, their forks' rows copied in first.
+    private func place(_ caches: [KVCache]) throws(ModelError) -> [Int] {
+        do {
+            let (assigned, copies) = try slots.assign(caches, evicting: true)
+            for c in copies { try gpuModel.copySequence(from: c.from, to: c.to, rows: c.rows) }
+            return assigned
+        } catch let error as SequenceSlots.SlotError {
+            throw .cacheFull("GPU KV cache: \(error)")
+        } catch {
+            throw .cacheFull("\(error)")
+        }
+    }
+
     public func forward(_ tokens: [Int32], cache: KVCache, allLogits: Bool) throws(ModelError) -> [Float] {
         guard !allLogits else { throw .cacheFull("the GPU model returns the last token's logits only") }
         guard !tokens.isEmpty else { throw .emptyInput }
         if let bad = tokens.first(where: { $0 < 0 || Int($0) >= vocabSize }) { throw .tokenOutOfRange(id: bad, vocabSize: vocabSize) }
-        // One sequence on the GPU: a new cache starts it over; the active cache rewound
-        // (chat turns reuse a prefix) rewinds the GPU's positions with it.
-        if activeCache !== cache {
-            guard cache.length == 0 else { throw .cacheFull("the GPU model holds one sequence; this cache is not it") }
-            gpuModel.reset()
-            activeCache = cache
-        } else if cache.length < gpuModel.length {
-            gpuModel.truncate(cache.length)
-        }
-        guard cache.length == gpuModel.length else { throw .cacheFull("the GPU cache and the sequence disagree on its length") }
+        let slot = try place([cache])[0]
         do {
             // Long prompts in chunks: the causal cache makes it the same computation, and the
             // workspace stays what one chunk needs.
             var logits: [Float] = []
             for start in stride(from: 0, to: tokens.count, by: prefillChunk) {
-                logits = try gpuModel.forward(Array(tokens[start..<min(tokens.count, start + prefillChunk)]))
+                let chunk = Array(tokens[start..<min(tokens.count, start + prefillChunk)])
+                logits = try gpuModel.forward(chunk, slot: slot, start: cache.length + start)
             }
             cache.advance(tokens.count)
             return logits
@@ -56,8 +67,23 @@ public final class GPULanguageModel: LanguageModel {
         }
     }
 
+    /// One token per sequence runs as one batched step (beams, decode batches); anything
+    /// else item by item.
     public func forwardBatch(_ items: [BatchItem], allLogits: Bool) throws(ModelError) -> [[Float]] {
-        guard items.count == 1 else { throw .cacheFull("--strategy gpu-only runs one sequence at a time for now") }
-        return [try forward(items[0].tokens, cache: items[0].cache, allLogits: allLogits)]
+        guard !allLogits, items.count > 1, items.allSatisfy({ $0.tokens.count == 1 }),
+              Set(items.map { ObjectIdentifier($0.cache) }).count == items.count else {
+            var out: [[Float]] = []
+            for item in items { out.append(try forward(item.tokens, cache: item.cache, allLogits: allLogits)) }
+            return out
+        }
+        if let bad = items.first(where: { $0.tokens[0] < 0 || Int($0.tokens[0]) >= vocabSize }) { throw .tokenOutOfRange(id: bad.tokens[0], vocabSize: vocabSize) }
+        let assigned = try place(items.map(\.cache))
+        do {
+            let logits = try gpuModel.forwardBatch(items.map { $0.tokens[0] }, at: zip(assigned, items).map { ($0, $1.cache.length) })
+            for item in items { item.cache.advance(1) }
+            return logits
+        } catch {
+            throw .cacheFull(error.description)
+        }
     }
 }

@@ -43,13 +43,14 @@ public final class GPUMixtral {
     let norm: DeviceBuffer
     let lmHead: Matrix
     let inverseFrequencies: DeviceBuffer
-    /// (layer) keys / values [maxPositions, Hkv, d].
+    /// (layer) keys / values [sequences, maxPositions, Hkv, d]: one region per sequence slot.
     let keys: [DeviceBuffer]
     let values: [DeviceBuffer]
-    /// Positions filled.
+    /// Positions filled in slot 0 (the single-sequence `forward(_:)`).
     public private(set) var length = 0
-    /// Positions the GPU's KV cache holds.
+    /// Positions the GPU's KV cache holds per sequence, and the sequences it holds.
     public let maxPositions: Int
+    public let sequences: Int
 
     /// Runs the MoE layers instead of the experts on this GPU (Fiddler's layout: the
     /// non-expert weights here, the experts placed by the offload executor). One copy of
@@ -75,7 +76,8 @@ public final class GPUMixtral {
 
     /// Uploads `model`'s weights (without the experts unless `experts`); `maxPositions`
     /// bounds the KV cache (default: the model's).
-    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil, experts uploadExperts: Bool = true) throws(CUDAError) {
+    /// `sequences`: KV cache regions (beams, batches) of `maxPositions` each.
+    public init(_ model: MixtralModel, gpu: GPU, maxPositions: Int? = nil, sequences: Int = 1, experts uploadExperts: Bool = true) throws(CUDAError) {
         self.gpu = gpu
         ops = GPUOps(gpu: gpu)
         config = model.config
@@ -100,7 +102,8 @@ public final class GPUMixtral {
         }
         inverseFrequencies = try gpu.upload(model.rope.inverseFrequencies, category: "weights")
         self.maxPositions = min(maxPositions ?? config.maxPositionEmbeddings, config.maxPositionEmbeddings)
-        let kvFloats = self.maxPositions * config.numKeyValueHeads * config.headDim
+        self.sequences = max(1, sequences)
+        let kvFloats = self.sequences * self.maxPositions * config.numKeyValueHeads * config.headDim
         keys = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
         values = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
     }
@@ -177,7 +180,8 @@ public final class GPUMixtral {
         let expertIds, expertWeights, expertHidden: DeviceBuffer?
         let last, normed, out: DeviceBuffer
 
-        init(_ c: MixtralConfiguration, gpu: GPU, tokens T: Int, fusedMoE: Bool) throws(CUDAError) {
+        /// `allLogits`: the final norm and logits for every token (`normed` `[T, D]`, `out` `[T, V]`).
+        init(_ c: MixtralConfiguration, gpu: GPU, tokens T: Int, fusedMoE: Bool, allLogits: Bool = false) throws(CUDAError) {
             func buffer(_ floats: Int) throws(CUDAError) -> DeviceBuffer { try gpu.allocate(max(floats, 1) * 4, category: GPU.workspace) }
             let D = c.hiddenSize, E = c.numLocalExperts, k = c.numExpertsPerToken
             x = try buffer(T * D)
@@ -192,18 +196,26 @@ public final class GPUMixtral {
                 (expertIds, expertWeights, expertHidden) = (nil, nil, nil)
             }
             last = T > 1 ? try buffer(D) : x
-            normed = try buffer(D); out = try buffer(c.vocabSize)
+            normed = try buffer(allLogits ? T * D : D); out = try buffer(allLogits ? T * c.vocabSize : c.vocabSize)
         }
     }
 
-    /// Runs `tokens` at the next positions and returns the last token's logits `[V]`.
+    /// Runs `tokens` at the next positions of slot 0 and returns the last token's logits `[V]`.
     public func forward(_ tokens: [Int32]) throws(CUDAError) -> [Float] {
+        let logits = try forward(tokens, slot: 0, start: length)
+        length += tokens.count
+        return logits
+    }
+
+    /// Runs `tokens` at positions `start...` of sequence `slot` (earlier positions there are
+    /// its history) and returns the last token's logits `[V]`.
+    public func forward(_ tokens: [Int32], slot: Int, start: Int) throws(CUDAError) -> [Float] {
         let issueStart = ContinuousClock.now
-        let T = tokens.count, start = length
+        let T = tokens.count
         guard T > 0, start + T <= maxPositions else { throw .unavailable("sequence of \(start + T) positions exceeds the GPU cache of \(maxPositions)") }
-        if T == 1, let graph = try graphForDecode(at: start) {
+        guard slot >= 0, slot < sequences else { throw .unavailable("sequence slot \(slot) of \(sequences)") }
+        if T == 1, slot == 0, let graph = try graphForDecode(at: start) {
             let logits = try graph.run(token: tokens[0], position: start)
-            length += 1
             decodeGraphSteps += 1
             expertUsage.addGPU(tokenExperts: layers.count * config.numExpertsPerToken, seconds: 0)
             lastIssueSeconds = secondsSince(issueStart)
@@ -212,16 +224,59 @@ public final class GPUMixtral {
         let work = try Workspace(config, gpu: gpu, tokens: T, fusedMoE: usesFusedMoE(tokens: T))
         let ids = try gpu.upload(array: tokens, category: GPU.workspace)
         let lastIndex = T > 1 ? try gpu.upload(array: [Int32(T - 1)], category: GPU.workspace) : nil
-        try issueStep(ids: ids, lastIndex: lastIndex, work, tokens: T, start: start, startAt: nil)
-        length += T
+        try issueStep(ids: ids, lastIndex: lastIndex, work, tokens: T, places: .sequence(slot: slot, start: start, startAt: nil))
         lastIssueSeconds = secondsSince(issueStart)
         return try gpu.download(work.out, count: config.vocabSize)
     }
 
+    /// One token for each of several sequences (beams, a batch): token i at `places[i]`
+    /// (its slot and position; distinct slots). The dense layers run over all of them at
+    /// once, attention per sequence over its own slot. Returns each token's logits `[V]`.
+    public func forwardBatch(_ tokens: [Int32], at places: [(slot: Int, position: Int)]) throws(CUDAError) -> [[Float]] {
+        let issueStart = ContinuousClock.now
+        let T = tokens.count, V = config.vocabSize
+        guard T > 0, places.count == T else { throw .unavailable("a batch needs one place per token") }
+        for p in places where p.slot < 0 || p.slot >= sequences || p.position + 1 > maxPositions {
+            throw .unavailable("sequence slot \(p.slot) at position \(p.position) is outside the GPU cache (\(sequences) x \(maxPositions))")
+        }
+        let work = try Workspace(config, gpu: gpu, tokens: T, fusedMoE: usesFusedMoE(tokens: T), allLogits: true)
+        let ids = try gpu.upload(array: tokens, category: GPU.workspace)
+        try issueStep(ids: ids, lastIndex: nil, work, tokens: T, places: .tokens(places))
+        lastIssueSeconds = secondsSince(issueStart)
+        let all = try gpu.download(work.out, count: T * V)
+        return (0..<T).map { Array(all[($0 * V)..<(($0 + 1) * V)]) }
+    }
+
+    /// Copies positions `0..<rows` of every layer's keys and values from slot `from` to slot
+    /// `to` (a forked sequence that cannot take its parent's slot over).
+    public func copySequence(from: Int, to: Int, rows: Int) throws(CUDAError) {
+        guard rows > 0, from != to else { return }
+        let bytes = rows * config.numKeyValueHeads * config.headDim * 4
+        for l in layers.indices {
+            for cache in [keys[l], values[l]] {
+                let (src, dst) = (slotRows(cache, from), slotRows(cache, to))
+                try gpu.copyAsync(from: src, to: dst, bytes: bytes)
+            }
+        }
+    }
+
+    /// Sequence `slot`'s region `[maxPositions, Hkv, d]` of one layer's keys or values.
+    private func slotRows(_ cache: DeviceBuffer, _ slot: Int) -> DeviceBuffer {
+        let bytes = maxPositions * config.numKeyValueHeads * config.headDim * 4
+        return cache.view(offset: slot * bytes, bytes: bytes)
+    }
+
+    /// Where a step's tokens sit: consecutive positions of one sequence from `start` (or, in
+    /// the captured decode step, from the position `startAt` holds, `start` being the
+    /// largest it may be), or one token per sequence.
+    enum Places {
+        case sequence(slot: Int, start: Int, startAt: DeviceBuffer?)
+        case tokens([(slot: Int, position: Int)])
+    }
+
     /// Issues one step's kernels: embedding, every layer, the final norm and lm_head of the last
-    /// token into `work.out`. `startAt` (one Int32 on the device) set: the first position is
-    /// read from there and `start` is the largest it may be (the captured decode step).
-    private func issueStep(ids: DeviceBuffer, lastIndex: DeviceBuffer?, _ work: Workspace, tokens T: Int, start: Int, startAt: DeviceBuffer?) throws(CUDAError) {
+    /// token into `work.out` (of every token, for `.tokens` places).
+    private func issueStep(ids: DeviceBuffer, lastIndex: DeviceBuffer?, _ work: Workspace, tokens T: Int, places: Places) throws(CUDAError) {
         let c = config, D = c.hiddenSize, H = c.numAttentionHeads, Hkv = c.numKeyValueHeads, d = c.headDim
         let x = work.x, h = work.h, logits = work.logits
         try embedRows(ids, into: x, tokens: T)
@@ -237,10 +292,26 @@ public final class GPUMixtral {
                 try ops.rmsNorm(x, weight: layer.inputNorm, h, tokens: T, dim: D, eps: c.rmsNormEps)
             }
             try projectQKV(h, layer, work.q, work.k, work.v, tokens: T)
-            try ops.ropeStore(q: work.q, k: work.k, v: work.v, keys: keys[l], values: values[l], inverseFrequencies: inverseFrequencies,
-                              tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: start, startAt: startAt)
-            try ops.attention(queries: work.q, keys: keys[l], values: values[l], out: work.o, tokens: T, start: start, startAt: startAt,
-                              heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
+            switch places {
+            case .sequence(let slot, let start, let startAt):
+                let (k, v) = (slotRows(keys[l], slot), slotRows(values[l], slot))
+                try ops.ropeStore(q: work.q, k: work.k, v: work.v, keys: k, values: v, inverseFrequencies: inverseFrequencies,
+                                  tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: start, startAt: startAt)
+                try ops.attention(queries: work.q, keys: k, values: v, out: work.o, tokens: T, start: start, startAt: startAt,
+                                  heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
+            case .tokens(let list):
+                // Token i: its row of q, k, v and o, its sequence's keys and values.
+                let qRow = H * d * 4, kvRow = Hkv * d * 4
+                for (i, p) in list.enumerated() {
+                    let (k, v) = (slotRows(keys[l], p.slot), slotRows(values[l], p.slot))
+                    let q = work.q.view(offset: i * qRow, bytes: qRow), o = work.o.view(offset: i * qRow, bytes: qRow)
+                    try ops.ropeStore(q: q, k: work.k.view(offset: i * kvRow, bytes: kvRow), v: work.v.view(offset: i * kvRow, bytes: kvRow),
+                                      keys: k, values: v, inverseFrequencies: inverseFrequencies,
+                                      tokens: 1, heads: H, kvHeads: Hkv, headDim: d, start: p.position)
+                    try ops.attention(queries: q, keys: k, values: v, out: o, tokens: 1, start: p.position,
+                                      heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
+                }
+            }
             try matmul(work.o, layer.o, work.attn, tokens: T)
             if let tables = layer.expertTables, usesFusedMoE(tokens: T) {
                 try fusedExperts(h, tables: tables, layer: layer, routerLogits: logits, work, addingInto: x, tokens: T)
@@ -257,6 +328,10 @@ public final class GPUMixtral {
             pending = work.moe
         }
         if let p = pending { try ops.add(x, p, count: T * D) }
+        if case .tokens = places {  // every token's logits
+            try ops.rmsNorm(x, weight: norm, work.normed, tokens: T, dim: D, eps: c.rmsNormEps)
+            return try matmul(work.normed, lmHead, work.out, tokens: T)
+        }
         // Final norm and lm_head for the last token only.
         if let lastIndex { try ops.gatherRows(x, indices: lastIndex, work.last, rows: 1, dim: D) }
         try ops.rmsNorm(work.last, weight: norm, work.normed, tokens: 1, dim: D, eps: c.rmsNormEps)
@@ -283,7 +358,7 @@ public final class GPUMixtral {
         do {
             decodeGraph = try DecodeGraph(gpu: gpu, workspace: Workspace(config, gpu: gpu, tokens: 1, fusedMoE: true), vocabSize: config.vocabSize,
                                           positions: DecodeGraph.positions(maxPositions)) { (ids, start, work, positions) throws(CUDAError) in
-                try issueStep(ids: ids, lastIndex: nil, work, tokens: 1, start: positions - 1, startAt: start)
+                try issueStep(ids: ids, lastIndex: nil, work, tokens: 1, places: .sequence(slot: 0, start: positions - 1, startAt: start))
             }
         } catch {
             decodeGraphFailed = true

@@ -431,6 +431,45 @@ public enum GPUSelfTest {
         return out
     }
 
+    /// HF's beam search on the golden checkpoints with the dense layers on the GPU, one KV
+    /// region per beam (forks taking over or copying their parent's): the whole model on the
+    /// GPU, and the dense layers there with half the experts on the device and the rest on
+    /// the CPU (fiddler). Every case's sequences equal HF's and the scores agree within 1e-4.
+    public static func beamChecks(goldens: String) throws -> [Check] {
+        let file = joinPath(goldens, "beam.golden.json")
+        guard fileExists(file) else { return [] }
+        let golden = try HFBeamGolden.load(file: file)
+        var out: [Check] = []
+        for offload in [false, true] {
+            var mismatches = 0, worst = 0.0
+            for c in golden.cases {
+                let cpu = try MixtralModel(directory: joinPath(goldens, c.model), kernels: .reference())
+                let gpu = try GPU()
+                let model = try GPULanguageModel(cpu, gpu: gpu, maxPositions: 64, sequences: c.num_beams + 1, experts: !offload)
+                var executor: OffloadExecutor? = nil
+                if offload {
+                    let L = cpu.config.numHiddenLayers, E = cpu.config.numLocalExperts, k = cpu.config.numExpertsPerToken
+                    let device = try CUDAExpertDevice(gpu: GPU(sharing: gpu))
+                    executor = try OffloadExecutor(model: cpu, device: device, policy: .fiddler,
+                                                   placement: ExpertPlacement.make(layers: L, experts: E, capacity: L * E / 2, order: .layerBalanced),
+                                                   latency: .unmeasured, maxRows: 16 * k)
+                    model.gpuModel.expertExecutor = executor
+                }
+                let options = BeamSearchOptions(width: c.num_beams, maxNewTokens: c.max_new_tokens, lengthPenalty: c.length_penalty,
+                                                earlyStopping: c.early_stopping ? .always : .heuristic, stopTokenIds: [c.eos_token_id])
+                let result = try beamSearch(model: model, prompt: c.prompt, options: options)
+                model.gpuModel.expertExecutor = nil
+                if result.map(\.ids) != c.sequences { mismatches += 1 }
+                for (r, score) in zip(result, c.sequences_scores) { worst = max(worst, abs(r.score - score)) }
+                withExtendedLifetime(executor) {}
+            }
+            let label = "beam search vs HF, \(golden.cases.count) cases, dense layers on the GPU\(offload ? " with fiddler offload" : ", whole model")"
+            out.append(Check(name: "\(label): sequences", error: Double(mismatches), tolerance: 0.5))
+            out.append(Check(name: "\(label): scores", error: worst, tolerance: 1e-4))
+        }
+        return out
+    }
+
     /// A 200-token prompt through the bf16 golden model on the GPU (dense layers and experts
     /// through cuBLAS GEMMs, in chunks) against the CPU's fp32 path: the bf16 rounding of
     /// activations bounds the difference (relative L2 < 2e-2), and with the GEMMs turned off

@@ -1,3 +1,4 @@
+import Synchronization
 /// Fixed-size blocks of keys and values shared by many sequences (batched decoding, beam
 /// search). A block holds `blockSize` positions of every layer; blocks are reference
 /// counted, so forking a sequence shares its blocks and a shared block is copied only when
@@ -84,6 +85,12 @@ public enum KVCacheError: Error, Equatable, CustomStringConvertible {
 /// `[kvHeads, headDim]` fp32 per layer, keys and values.
 public final class KVCache {
     public let pool: KVBlockPool
+    /// Unique among the caches of this process; `forkedFrom`: the id of the cache this one was
+    /// forked from (a device that keeps sequences' keys elsewhere copies or takes them over).
+    public let id = KVCache.nextId()
+    public private(set) var forkedFrom: UInt64?
+    private static let counter = Mutex<UInt64>(0)
+    private static func nextId() -> UInt64 { counter.withLock { $0 += 1; return $0 } }
     /// Positions filled so far (the next token's position).
     public private(set) var length = 0
     /// Block ids, one per `blockSize` positions.
@@ -106,6 +113,7 @@ public final class KVCache {
     /// A second sequence with the same contents, sharing every block until one side writes.
     public func fork() -> KVCache {
         let c = KVCache(pool: pool)
+        c.forkedFrom = id
         c.length = length
         c.blockTable = blockTable
         for b in blockTable { pool.retain(b) }

@@ -50,3 +50,25 @@ public struct HFGolden: Decodable, Sendable {
         try JSONDecoder().decode(HFGolden.self, from: Data(readSmallFile(file)))
     }
 }
+
+/// HF transformers' generate(num_beams=W, do_sample=False, num_return_sequences=W) on the
+/// golden checkpoints (scripts/make_beam_goldens.py, fp32 on the stored weights): read by the
+/// beam search tests and by `duet selftest --gpu`.
+public struct HFBeamGolden: Decodable, Sendable {
+    public struct Case: Decodable, Sendable {
+        public let model: String
+        public let prompt: [Int32]
+        public let num_beams: Int
+        public let max_new_tokens: Int
+        public let length_penalty: Double
+        public let early_stopping: Bool
+        public let eos_token_id: Int
+        public let sequences: [[Int32]]
+        public let sequences_scores: [Double]
+    }
+    public let cases: [Case]
+
+    public static func load(file: String) throws -> HFBeamGolden {
+        try JSONDecoder().decode(HFBeamGolden.self, from: Data(readSmallFile(file)))
+    }
+}

@@ -273,7 +273,7 @@ struct BenchDecode: ParsableCommand {
             // On the GPU the ceiling is HBM: a read-only kernel over the same GPU, same run.
             bandwidth = try GPUOps(gpu: gpuModel.gpuModel.device).readBandwidth(bytes: 4 << 30)
             Console.err("GPU read ceiling \(fixed(bandwidth / 1e9, 0)) GB/s\n")
-            if kernelTimes { try printKernelTimes(gpuModel.gpuModel, lastToken: result.ids.last ?? 1, bandwidth: bandwidth) }
+            if kernelTimes { try printKernelTimes(gpuModel.gpuModel, lastToken: result.ids.last ?? 1, position: prompt.count + result.ids.count - 1, bandwidth: bandwidth) }
         } else {
             bandwidth = max(bandwidth, try measuredBandwidth(pool: pool, gib: memoryGib))  // the higher reading, as bench kernels
         }
@@ -304,18 +304,13 @@ struct BenchDecode: ParsableCommand {
     /// Eight decode steps launched kernel by kernel with an event after each: per kernel, its
     /// launches and device time per token (with the gap before it), and for the kernels that
     /// read weights, the bytes per token over that time as a fraction of the HBM ceiling.
-    private func printKernelTimes(_ model: GPUMixtral, lastToken: Int32, bandwidth: Double) throws {
+    private func printKernelTimes(_ model: GPUMixtral, lastToken: Int32, position: Int, bandwidth: Double) throws {
         let steps = 8, graphs = model.usesDecodeGraph
         model.usesDecodeGraph = false
         defer { model.usesDecodeGraph = graphs }
-        model.truncate(model.length - 1)
-        _ = try model.forward([lastToken])  // warm: the same step as timed
-        model.truncate(model.length - 1)
+        _ = try model.forward([lastToken], slot: 0, start: position)  // warm: the same step as timed (it rewrites that position)
         try model.device.startKernelTimer()
-        for _ in 0..<steps {
-            _ = try model.forward([lastToken])
-            model.truncate(model.length - 1)
-        }
+        for _ in 0..<steps { _ = try model.forward([lastToken], slot: 0, start: position) }
         let times = try model.device.stopKernelTimer()
         let weightBytes = model.decodeWeightBytesByKernel
         let total = times.reduce(0) { $0 + $1.seconds } / Double(steps)
@@ -402,7 +397,7 @@ struct SelfTest: ParsableCommand {
             case .success(let r):
                 Console.out("GPU: \(r.device)\n")
                 results += r.checks.map { (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed) }
-                results += try (GPUSelfTest.modelChecks(goldens: goldens) + GPUSelfTest.longPromptChecks(goldens: goldens)
+                results += try (GPUSelfTest.modelChecks(goldens: goldens) + GPUSelfTest.longPromptChecks(goldens: goldens) + GPUSelfTest.beamChecks(goldens: goldens)
                                  + GPUSelfTest.offloadChecks(goldens: goldens) + GPUSelfTest.offloadChecks(goldens: goldens, format: .q8)
                                  + GPUSelfTest.offloadChecks(goldens: goldens, format: .q4)).map {
                     (name: "gpu " + $0.name, error: $0.error, tolerance: $0.tolerance, passed: $0.passed)

@@ -37,6 +37,9 @@ struct BenchScenarios: ParsableCommand {
     @Flag(name: .long, help: "Fiddler's whole grid: inputs 32-256 x outputs 64-512, beam widths 4, 8, 12, 16.")
     var full = false
 
+    @Option(name: .long, help: "Where beam search runs the non-expert layers: gpu (a KV cache region per beam) or cpu.")
+    var beamDense: DensePlacement = .gpu
+
     @Option(name: .long, help: "Rows are appended here as they finish (JSON lines).")
     var output = "scenarios.jsonl"
 
@@ -103,9 +106,7 @@ struct BenchScenarios: ParsableCommand {
 
     func run() throws {
         guard let synthetic = engine.synthetic else { throw CLIError("bench scenarios runs on --synthetic weights (e.g. mixtral-8x7b)") }
-        // The GPU's KV cache must hold the longest scenario.
-        var engine = self.engine
-        engine.maxContext = max(engine.maxContext, scenarios().map { $0.input + $0.output * $0.width + 1 }.max() ?? 0)
+        let engine = self.engine
         let done = try resume.map(Self.finished) ?? []
         HostMemory.reuseLargeAllocations()
         let kernels = try engine.makeKernels()
@@ -118,11 +119,19 @@ struct BenchScenarios: ParsableCommand {
         for strategy in strategies.filter({ $0 != .cpuOnly }) + strategies.filter({ $0 == .cpuOnly }) {
             let todo = scenarios().filter { !done.contains(Key(scenario: $0, strategy: strategy.rawValue, expertDtype: dtype)) }
             guard !todo.isEmpty else { continue }
-            for layout in [DensePlacement.gpu, .cpu] {
-                let rows = todo.filter { (layout == .gpu) == ($0.group != "beam") }
+            // One set-up for the single-sequence rows, one for the beams (their own GPU KV
+            // cache: width + 1 sequences of input + output positions each).
+            for beams in [false, true] {
+                let rows = todo.filter { ($0.group == "beam") == beams }
                 guard !rows.isEmpty else { continue }
-                try runStrategy(strategy, layout: strategy == .cpuOnly ? .cpu : layout, model: model, scenarios: rows,
-                                calibration: &calibration, engine: engine)
+                var setup = engine
+                let layout: DensePlacement = strategy == .cpuOnly ? .cpu : beams ? beamDense : .gpu
+                setup.maxContext = max(engine.maxContext, rows.map { $0.input + $0.output + 1 }.max()!)
+                if beams {
+                    setup.maxContext = rows.map { $0.input + $0.output + 1 }.max()!
+                    setup.gpuSequences = rows.map(\.width).max()! + 1
+                }
+                try runStrategy(strategy, layout: layout, model: model, scenarios: rows, calibration: &calibration, engine: setup)
             }
         }
     }

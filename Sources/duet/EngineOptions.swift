@@ -47,17 +47,20 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "CPU kernel path: auto, reference, portable, avx512, amx.")
     var kernels: KernelPath = .auto
 
-    @Option(name: .long, help: ArgumentHelp("Where experts run: fiddler (popular experts on the device, the rest on the CPU or copied, per a measured latency model), gpu-swap (every expert copied to an LRU cache on the device), layer-split (whole layers' experts on the device, the rest on the CPU), cpu-only, gpu-only (the whole model on the GPU, one sequence). Default: fiddler with a GPU, cpu-only without."))
+    @Option(name: .long, help: ArgumentHelp("Where experts run: fiddler (popular experts on the device, the rest on the CPU or copied, per a measured latency model), gpu-swap (every expert copied to an LRU cache on the device), layer-split (whole layers' experts on the device, the rest on the CPU), cpu-only, gpu-only (the whole model on the GPU; --gpu-sequences for beams and batches). Default: fiddler with a GPU, cpu-only without."))
     var strategy: Strategy?
 
     @Option(name: .long, help: "With fiddler, gpu-swap, layer-split: the device that holds experts: gpu, or cpu (a second CPU thread pool in the device role, within --gpu-memory; for trying strategies without a GPU).")
     var offloadDevice: OffloadDeviceKind = .gpu
 
-    @Option(name: .long, help: "With fiddler, gpu-swap, layer-split: where attention, norms, router and lm_head run: gpu (with a GPU KV cache of --max-context positions; one sequence: plain generation) or cpu (batches, beams, the server). Default: gpu where the verb runs one sequence.")
+    @Option(name: .long, help: "With fiddler, gpu-swap, layer-split: where attention, norms, router and lm_head run: gpu (with a GPU KV cache of --max-context positions for each of --gpu-sequences sequences) or cpu (the paged KV cache: batches, the server). Default: gpu where the verb runs one sequence.")
     var denseOn: DensePlacement?
 
-    @Option(name: .long, help: "Positions of the GPU KV cache (gpu-only, --dense-on gpu).")
+    @Option(name: .long, help: "Positions of the GPU KV cache (gpu-only, --dense-on gpu), per sequence.")
     var maxContext = 4096
+
+    @Option(name: .long, help: "Sequences the GPU KV cache holds at once (gpu-only, --dense-on gpu): beam search with width W needs W + 1, a batch of N needs N + 1.")
+    var gpuSequences = 1
 
     @Option(name: .long, help: "Expert popularity profile (written by `duet profile`): the most-picked experts go on the device first.")
     var profile: String?
@@ -78,6 +81,7 @@ struct EngineOptions: ParsableArguments {
         if model != nil && synthetic != nil { throw ValidationError("give --model or --synthetic, not both") }
         if synthetic == nil && (layers != nil || routerSkew != 0) { throw ValidationError("--layers and --router-skew go with --synthetic") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if gpuSequences < 1 { throw ValidationError("--gpu-sequences must be at least 1") }
         if expertDtype != .stored && strategy == .gpuOnly {
             throw ValidationError("--strategy gpu-only runs the experts as stored; quantized experts (--expert-dtype \(expertDtype.rawValue)) run with fiddler, gpu-swap, layer-split or cpu-only")
         }
@@ -138,7 +142,7 @@ struct EngineOptions: ParsableArguments {
             guard let mixtral = model as? MixtralModel else { throw CLIError("--strategy gpu-only supports Mixtral-family models") }
             do {
                 let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseByteSize))
-                let gpuModel = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: min(maxContext, mixtral.maxPositions))
+                let gpuModel = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: min(maxContext, mixtral.maxPositions), sequences: gpuSequences)
                 Console.err("GPU: \(gpu.name), \(gpu.budget.total >> 20) of \(gpu.budget.limit >> 20) MiB budget in use\n")
                 return (gpuModel, directory, secondsSince(start))
             } catch {

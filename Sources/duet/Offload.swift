@@ -119,7 +119,7 @@ extension EngineOptions {
 
 /// `--dense-on`: where the non-expert layers (attention, norms, router, lm_head) run with an offload strategy.
 enum DensePlacement: String, ExpressibleByArgument, CaseIterable {
-    /// On the GPU with its own KV cache (Fiddler's layout), one sequence at a time.
+    /// On the GPU with its own KV cache (Fiddler's layout): one region per sequence, `--gpu-sequences` of them.
     case gpu
     /// On the CPU with the paged KV cache: batches, beams and the server.
     case cpu
@@ -134,7 +134,7 @@ extension EngineOptions {
                 let gpu = try GPU(memoryLimit: gpuMemory.flatMap(parseByteSize))
                 gpu.hostPool = kernels.pool
                 let context = min(maxContext, mixtral.maxPositions)
-                let model = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: context, experts: false)
+                let model = try GPULanguageModel(mixtral, gpu: gpu, maxPositions: context, sequences: gpuSequences, experts: false)
                 let chunk = model.prefillChunk
                 let device = try CUDAExpertDevice(gpu: GPU(sharing: gpu))
                 device.hostPool = kernels.pool

@@ -9,26 +9,9 @@ import DuetRuntime
 import DuetTestSupport
 import Testing
 
-/// HF transformers' generate(num_beams=W, do_sample=False, num_return_sequences=W)
-/// (scripts/make_beam_goldens.py, fp32 on the stored weights).
-struct BeamGolden: Decodable {
-    struct Case: Decodable {
-        let model: String
-        let prompt: [Int32]
-        let num_beams: Int
-        let max_new_tokens: Int
-        let length_penalty: Double
-        let early_stopping: Bool
-        let eos_token_id: Int
-        let sequences: [[Int32]]
-        let sequences_scores: [Double]
-    }
-    let cases: [Case]
-}
-
 @Suite(.serialized) struct BeamSearchTests {
     @Test func equalsHFBeamSearch() throws {
-        let golden = try JSONDecoder().decode(BeamGolden.self, from: Data(fixtureBytes("beam.golden.json")))
+        let golden = try JSONDecoder().decode(HFBeamGolden.self, from: Data(fixtureBytes("beam.golden.json")))
         #expect(golden.cases.count == 10)
         var models: [String: MixtralModel] = [:]
         for c in golden.cases {
