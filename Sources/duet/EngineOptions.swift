@@ -59,7 +59,7 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "Positions of the GPU KV cache (gpu-only, --dense-on gpu), per sequence.")
     var maxContext = 4096
 
-    @Option(name: .long, help: "Sequences the GPU KV cache holds at once (gpu-only, --dense-on gpu): beam search with width W needs W + 1, a batch of N needs N + 1.")
+    @Option(name: .long, help: "Sequences the GPU KV cache holds at once (gpu-only, --dense-on gpu): beam search with width W needs W + 1 (`generate --beam-width W` asks for that many).")
     var gpuSequences = 1
 
     @Option(name: .long, help: "Expert popularity profile (written by `duet profile`): the most-picked experts go on the device first.")

@@ -78,6 +78,9 @@ struct Generate: ParsableCommand {
     }
 
     func run() throws {
+        // Beams on a GPU model need a KV region each, plus the prompt's.
+        var engine = self.engine
+        if beamWidth > 1 { engine.gpuSequences = max(engine.gpuSequences, beamWidth + 1) }
         let (model, directory, loadSeconds) = try engine.load(singleSequence: prompts == nil && beamWidth == 1)
         if let prompts {
             let defaults = GenerationOptions(maxTokens: maxTokens, sampling: SamplingOptions(temperature: temperature, topK: topK, topP: topP, seed: seed))
