@@ -11,7 +11,8 @@ public final class GPULanguageModel: LanguageModel {
     public let gpuModel: GPUMixtral
     private var slots: SequenceSlots
     /// Most tokens one GPU forward runs (longer prompts go in chunks).
-    public var prefillChunk = 2048
+    public var prefillChunk = GPULanguageModel.defaultPrefillChunk
+    public static let defaultPrefillChunk = 2048
 
     /// `experts: false` uploads everything but the experts (Fiddler's layout; set
     /// `gpuModel.expertExecutor`); `maxPositions` bounds each sequence's GPU KV cache;

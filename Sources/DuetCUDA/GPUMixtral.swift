@@ -108,6 +108,19 @@ public final class GPUMixtral {
         values = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
     }
 
+    /// Device bytes the non-expert part takes before any step runs, as `init` allocates them
+    /// without the experts: the matrices at `bytesPerWeight` (the checkpoint's dtype: 2 for
+    /// bf16), the norms and rope frequencies in fp32, and fp32 keys and values for
+    /// `sequences` x `maxPositions` positions. (`duet plan` sizes the dense-on-GPU layout with it.)
+    public static func denseBytes(_ c: MixtralConfiguration, bytesPerWeight: Int, maxPositions: Int, sequences: Int = 1) -> Int {
+        let D = c.hiddenSize, L = c.numHiddenLayers, qd = c.numAttentionHeads * c.headDim, kvd = c.numKeyValueHeads * c.headDim
+        let perLayer = D * qd * 2 + D * kvd * 2 + c.numLocalExperts * D  // q and o, k and v, router
+        let matrices = (c.tieWordEmbeddings ? 1 : 2) * c.vocabSize * D + L * perLayer
+        let norms = (2 * L + 1) * D, frequencies = c.headDim / 2
+        let kv = 2 * L * max(1, sequences) * min(maxPositions, c.maxPositionEmbeddings) * kvd
+        return matrices * bytesPerWeight + (norms + frequencies + kv) * 4
+    }
+
     /// Workspace a forward of `tokens` tokens allocates with the experts offloaded (the
     /// recycled buffers are rounded up to powers of two), so a budget can keep it free.
     public static func workspaceBytes(_ c: MixtralConfiguration, tokens T: Int) -> Int {

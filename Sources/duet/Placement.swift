@@ -83,8 +83,17 @@ struct Plan: ParsableCommand {
     @Option(name: .long, help: "fiddler, gpu-swap or layer-split.")
     var strategy: Strategy = .fiddler
 
-    @Option(name: .long, help: "Most tokens one step sends to the device (sizes the workspace).")
+    @Option(name: .long, help: "With --dense-on cpu: most tokens one step sends to the device (sizes the workspace).")
     var maxTokens = 64
+
+    @Option(name: .long, help: "Where the non-expert layers run, as the engine's option: gpu (their bf16 weights, the KV cache and a prompt chunk's workspace come first out of the budget; the default for one sequence) or cpu.")
+    var denseOn: DensePlacement = .gpu
+
+    @Option(name: .long, help: "With --dense-on gpu: positions of the GPU KV cache per sequence.")
+    var maxContext = 4096
+
+    @Option(name: .long, help: "With --dense-on gpu: sequences the GPU KV cache holds (beam width + 1 for beam search).")
+    var gpuSequences = 1
 
     @Flag(name: .long, help: "Print JSON.")
     var json = false
@@ -93,6 +102,7 @@ struct Plan: ParsableCommand {
         if (model == nil) == (synthetic == nil) { throw ValidationError("give --model or --synthetic") }
         if parseByteSize(gpuMemory) == nil { throw ValidationError("--gpu-memory must look like 24GiB, got '\(gpuMemory)'") }
         if strategy.offloadPolicy == nil { throw ValidationError("--strategy must be fiddler, gpu-swap or layer-split") }
+        if maxContext < 1 || gpuSequences < 1 || maxTokens < 1 { throw ValidationError("--max-context, --gpu-sequences and --max-tokens must be at least 1") }
     }
 
     struct Row: Encodable {
@@ -126,11 +136,18 @@ struct Plan: ParsableCommand {
             try p.check(layers: L, experts: E, path: path)
             return p
         }
+        // Dense layers on the GPU: their weights (bf16 assumed), KV cache and one prompt chunk's
+        // workspace first, and device staging for a chunk's rows — what the engine reserves.
+        let chunk = GPULanguageModel.defaultPrefillChunk
+        let dense = denseOn == .gpu
+            ? GPUMixtral.denseBytes(c, bytesPerWeight: 2, maxPositions: maxContext, sequences: gpuSequences) + GPUMixtral.workspaceBytes(c, tokens: chunk)
+            : 0
+        let stepRows = (denseOn == .gpu ? chunk : maxTokens) * c.numExpertsPerToken
         var rows: [Row] = []
         let shapes = [ExpertShape(hidden: D, ffn: F, dtype: .bf16)] + QuantFormat.allCases.map { ExpertShape(hidden: D, ffn: F, dtype: .bf16, format: $0) }
         for shape in shapes {
             let name = shape.format?.rawValue ?? "bf16", bytes = shape.bytes
-            let reserved = CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: maxTokens * c.numExpertsPerToken)
+            let reserved = dense + CUDAExpertDevice.workspaceBytes(shape: shape, maxRows: stepRows)
                 + OffloadExecutor.streamingSlots(policy) * bytes
             let capacity = ExpertPlacement.capacity(budget: budget, reserved: reserved, bytesPerExpert: bytes, total: L * E)
             let order: ExpertPlacement.Order = policy == .layerSplit ? .wholeLayers : (p == nil ? .layerBalanced : .profile)
@@ -141,7 +158,8 @@ struct Plan: ParsableCommand {
         }
         if json { return try Console.json(rows) }
         Console.out("\(strategy.rawValue) with \(gpuMemory) of device memory, \(L) layers x \(E) experts of \(D)x\(F); "
-            + "non-expert weights, the KV cache and attention stay on the CPU in this version\n")
+            + (denseOn == .gpu ? "non-expert layers on the GPU (\(fixed(Double(dense) / 1048576, 0)) MiB: bf16 weights, a \(gpuSequences) x \(maxContext)-position KV cache, a \(chunk)-token workspace)\n"
+                               : "non-expert weights, the KV cache and attention on the CPU\n"))
         Console.out("dtype  MiB/expert  reserved MiB  resident  on device GiB  on host GiB  hit rate  resident per layer\n")
         for r in rows {
             Console.out(r.dtype.padding(5) + "  " + fixed(Double(r.bytesPerExpert) / 1048576, 1).padding(10, left: true)
