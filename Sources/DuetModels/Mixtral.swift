@@ -465,7 +465,9 @@ public protocol ExpertExecutor: AnyObject {
     /// The same step for a model whose hidden state and MoE output also live on the
     /// executor's device (`activations`): the device's experts read their rows there and add
     /// their weighted outputs into the output there, so only the CPU's part crosses to the
-    /// device. nil: not possible here (the caller takes `runExperts` above).
+    /// device, to be added there as well. A token's terms are then summed in the order they
+    /// arrive rather than by expert (the same float sum for two experts per token, as
+    /// Mixtral's). nil: not possible here (the caller takes `runExperts` above).
     func runExperts(layer: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int,
                     on activations: any DeviceActivations) -> DeviceStepOutput?
 }
