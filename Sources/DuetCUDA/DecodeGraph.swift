@@ -16,10 +16,10 @@ final class DecodeGraph {
     private var exec: OpaquePointer? = nil
     private var stream: OpaquePointer? = nil
     /// [token, position] on the host (page-locked) and on the device.
-    private var hostIn: UnsafeMutablePointer<Int32>
+    private let hostIn: UnsafeMutablePointer<Int32>
     private let input: DeviceBuffer
     /// The logits `[V]` the graph copies down.
-    private var hostOut: UnsafeMutablePointer<Float>
+    private let hostOut: UnsafeMutablePointer<Float>
     private let vocabSize: Int
     /// The buffers the captured kernels use, kept for the graph's life.
     private let workspace: GPUMixtral.Workspace

@@ -48,10 +48,15 @@ public final class GPULanguageModel: LanguageModel {
         }
     }
 
+    /// Every id must be in the vocabulary.
+    private func checkIds(_ tokens: [Int32]) throws(ModelError) {
+        if let bad = tokens.first(where: { $0 < 0 || Int($0) >= vocabSize }) { throw .tokenOutOfRange(id: bad, vocabSize: vocabSize) }
+    }
+
     public func forward(_ tokens: [Int32], cache: KVCache, allLogits: Bool) throws(ModelError) -> [Float] {
         guard !allLogits else { throw .cacheFull("the GPU model returns the last token's logits only") }
         guard !tokens.isEmpty else { throw .emptyInput }
-        if let bad = tokens.first(where: { $0 < 0 || Int($0) >= vocabSize }) { throw .tokenOutOfRange(id: bad, vocabSize: vocabSize) }
+        try checkIds(tokens)
         let slot = try place([cache])[0]
         do {
             // Long prompts in chunks: the causal cache makes it the same computation, and the
@@ -77,10 +82,11 @@ public final class GPULanguageModel: LanguageModel {
             for item in items { out.append(try forward(item.tokens, cache: item.cache, allLogits: allLogits)) }
             return out
         }
-        if let bad = items.first(where: { $0.tokens[0] < 0 || Int($0.tokens[0]) >= vocabSize }) { throw .tokenOutOfRange(id: bad.tokens[0], vocabSize: vocabSize) }
+        let tokens = items.map { $0.tokens[0] }
+        try checkIds(tokens)
         let assigned = try place(items.map(\.cache))
         do {
-            let logits = try gpuModel.forwardBatch(items.map { $0.tokens[0] }, at: zip(assigned, items).map { ($0, $1.cache.length) })
+            let logits = try gpuModel.forwardBatch(tokens, at: zip(assigned, items).map { ($0, $1.cache.length) })
             for item in items { item.cache.advance(1) }
             return logits
         } catch {

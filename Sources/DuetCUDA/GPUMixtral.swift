@@ -362,7 +362,7 @@ public final class GPUMixtral {
     /// The decode graph when this step can use it (captured now if not yet), else nil. A
     /// capture that fails says why once and leaves decoding launch by launch.
     private func graphForDecode(at position: Int) throws(CUDAError) -> DecodeGraph? {
-        guard usesDecodeGraph, !decodeGraphFailed, expertExecutor == nil, !gpu.timesKernels,
+        guard usesDecodeGraph, !decodeGraphFailed, !gpu.timesKernels,
               layers.allSatisfy({ $0.expertTables != nil }), usesFusedMoE(tokens: 1),
               position < DecodeGraph.positions(maxPositions) else { return nil }
         if let decodeGraph { return decodeGraph }

@@ -318,10 +318,10 @@ struct BenchDecode: ParsableCommand {
         Console.out("  kernel                     launches    us/token  share   weights GB/token  of HBM\n")
         for t in times.sorted(by: { $0.seconds > $1.seconds }) {
             let seconds = t.seconds / Double(steps)
-            var line = "  \(t.name.padding(toLength: 26, withPad: " ", startingAt: 0)) \(pad(fixed(Double(t.launches) / Double(steps), 0), 8))"
-                + "  \(pad(fixed(seconds * 1e6, 1), 10))  \(pad(fixed(seconds / total, 3), 5))"
+            var line = "  " + t.name.padding(26) + " " + fixed(Double(t.launches) / Double(steps), 0).padding(8, left: true)
+                + "  " + fixed(seconds * 1e6, 1).padding(10, left: true) + "  " + fixed(seconds / total, 3).padding(5, left: true)
             if let bytes = weightBytes[t.name] {
-                line += "  \(pad(fixed(Double(bytes) / 1e9, 3), 16))  \(pad(fixed(Double(bytes) / seconds / bandwidth, 2), 6))"
+                line += "  " + fixed(Double(bytes) / 1e9, 3).padding(16, left: true) + "  " + fixed(Double(bytes) / seconds / bandwidth, 2).padding(6, left: true)
             }
             Console.out(line + "\n")
             try Console.json(KernelRow(kernel: t.name, launchesPerToken: Double(t.launches) / Double(steps), secondsPerToken: seconds,
@@ -329,8 +329,6 @@ struct BenchDecode: ParsableCommand {
         }
         Console.out("  total \(fixed(total * 1e3, 3)) ms per token (eager)\n")
     }
-
-    private func pad(_ s: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - s.count)) + s }
 
     struct KernelRow: Encodable {
         var bench = "decode-kernel"

@@ -126,11 +126,9 @@ struct BenchScenarios: ParsableCommand {
                 guard !rows.isEmpty else { continue }
                 var setup = engine
                 let layout: DensePlacement = strategy == .cpuOnly ? .cpu : beams ? beamDense : .gpu
-                setup.maxContext = max(engine.maxContext, rows.map { $0.input + $0.output + 1 }.max()!)
-                if beams {
-                    setup.maxContext = rows.map { $0.input + $0.output + 1 }.max()!
-                    setup.gpuSequences = rows.map(\.width).max()! + 1
-                }
+                let longest = rows.map { $0.input + $0.output + 1 }.max()!
+                setup.maxContext = beams ? longest : max(engine.maxContext, longest)
+                if beams { setup.gpuSequences = rows.map(\.width).max()! + 1 }
                 try runStrategy(strategy, layout: layout, model: model, scenarios: rows, calibration: &calibration, engine: setup)
             }
         }
