@@ -20,4 +20,5 @@ expect_error "--gpu-memory must look like" generate --strategy fiddler --offload
 expect_error "unknown synthetic geometry" bench scenarios --synthetic mixtral-9x9b --expert-dtype q4 --strategies cpu-only
 expect_error "--gpu-sequences must be at least 1" generate --gpu-sequences 0 --prompt hi
 expect_error "--max-context, --gpu-sequences and --max-tokens must be at least 1" plan --synthetic mixtral-8x7b --gpu-memory 24GiB --gpu-sequences 0
+expect_error "is invalid for '--beam-dense" bench scenarios --synthetic mixtral-8x7b --beam-dense nowhere
 exit $failed
