@@ -228,17 +228,15 @@ public final class CUDAExpertDevice: ExpertDevice, ResidentActivationDevice {
             }
             try runExpert(slot: job.slot, rows: row..<(row + job.tokens), input: input, output: output)
             try d.check(d.cuEventRecord(slotFree[job.slot], compute), "cuEventRecord")
-            if case .resident(_, let a) = source, job.tokens > 0 {
-                // This expert's rows, times their weights, into the tokens' output rows (one
-                // expert per launch, so no two blocks add into the same row).
-                let span = row..<(row + job.tokens)
-                try ops.scatterAddRows(a.output, output.view(offset: row * D * 4, bytes: job.tokens * D * 4),
-                                       indices: rowRoutes.view(offset: span.lowerBound * 4, bytes: span.count * 4),
-                                       weights: rowRoutes.view(offset: (rows + span.lowerBound) * 4, bytes: span.count * 4), rows: job.tokens, dim: D)
-            }
             row += job.tokens
         }
         if copied { try d.check(d.cuEventRecord(copyEnd, copies), "cuEventRecord") }
+        if case .resident(_, let a) = source {
+            // Each expert's rows, times their weights, into the tokens' output rows. (A GEMM's
+            // spare rows may spill into later jobs' rows; those jobs, issued after it, overwrite them.)
+            try ops.scatterAddExpertRows(a.output, output, indices: rowRoutes, weights: rowRoutes.view(offset: rows * 4, bytes: rows * 4),
+                                         groups: jobs.map(\.tokens), dim: D)
+        }
         var hostRows = 0
         if case .host = source {
             try d.check(d.cuMemcpyDtoHAsync(hostOut, output.pointer, rows * D * 4, compute), "cuMemcpyDtoHAsync")

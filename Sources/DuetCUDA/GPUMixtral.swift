@@ -253,8 +253,16 @@ public final class GPUMixtral {
             throw .unavailable("sequence slot \(p.slot) at position \(p.position) is outside the GPU cache (\(sequences) x \(maxPositions))")
         }
         let work = try Workspace(config, gpu: gpu, tokens: T, fusedMoE: usesFusedMoE(tokens: T), allLogits: true)
-        let ids = try gpu.upload(array: tokens, category: GPU.workspace)
-        try issueStep(ids: ids, lastIndex: nil, work, tokens: T, places: .tokens(places))
+        // The ids and, where one launch can attend for all of them, each token's (slot,
+        // position) go up in one copy.
+        let longest = places.map { $0.position + 1 }.max()!
+        let batched = longest <= GPUOps.attentionPlacesMaxPositions
+        let table = batched ? places.flatMap { [Int32($0.slot), Int32($0.position)] } : []
+        let up = try gpu.upload(array: tokens + table, category: GPU.workspace)
+        let ids = up.view(offset: 0, bytes: T * 4)
+        let regionFloats = maxPositions * config.numKeyValueHeads * config.headDim
+        let sequencePlaces = batched ? SequencePlaces(table: up.view(offset: T * 4, bytes: 2 * T * 4), regionFloats: regionFloats, positions: longest) : nil
+        try issueStep(ids: ids, lastIndex: nil, work, tokens: T, places: .tokens(places, sequencePlaces))
         lastIssueSeconds = secondsSince(issueStart)
         let all = try gpu.download(work.out, count: T * V)
         return (0..<T).map { Array(all[($0 * V)..<(($0 + 1) * V)]) }
@@ -281,10 +289,11 @@ public final class GPUMixtral {
 
     /// Where a step's tokens sit: consecutive positions of one sequence from `start` (or, in
     /// the captured decode step, from the position `startAt` holds, `start` being the
-    /// largest it may be), or one token per sequence.
+    /// largest it may be), or one token per sequence (with the same list on the device when
+    /// one launch can attend for all of them).
     enum Places {
         case sequence(slot: Int, start: Int, startAt: DeviceBuffer?)
-        case tokens([(slot: Int, position: Int)])
+        case tokens([(slot: Int, position: Int)], SequencePlaces?)
     }
 
     /// Issues one step's kernels: embedding, every layer, the final norm and lm_head of the last
@@ -312,7 +321,12 @@ public final class GPUMixtral {
                                   tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: start, startAt: startAt)
                 try ops.attention(queries: work.q, keys: k, values: v, out: work.o, tokens: T, start: start, startAt: startAt,
                                   heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
-            case .tokens(let list):
+            case .tokens(_, let places?):
+                try ops.ropeStore(q: work.q, k: work.k, v: work.v, keys: keys[l], values: values[l], inverseFrequencies: inverseFrequencies,
+                                  tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: 0, places: places)
+                try ops.attention(queries: work.q, keys: keys[l], values: values[l], out: work.o, places: places,
+                                  tokens: T, heads: H, kvHeads: Hkv, headDim: d, window: c.slidingWindow)
+            case .tokens(let list, nil):
                 // Token i: its row of q, k, v and o, its sequence's keys and values.
                 let qRow = H * d * 4, kvRow = Hkv * d * 4
                 for (i, p) in list.enumerated() {
@@ -438,8 +452,8 @@ public final class GPUMixtral {
     }
 
     /// out `[T, D]` += each part's output rows times their router weights, at their tokens: the
-    /// rows `[Σ Te, D]` with each row's token and weight go up in one copy, then one
-    /// scatter-add per part (an expert: no token twice in a launch), in the parts' order.
+    /// rows `[Σ Te, D]` with each row's token and weight go up in one copy, then are added
+    /// expert by expert (a part is an expert), in the parts' order.
     private func addRows(_ parts: [(rows: [ExpertAssignment], output: [Float])], into out: DeviceBuffer) throws(CUDAError) {
         let D = config.hiddenSize, n = parts.reduce(0) { $0 + $1.rows.count }
         guard n > 0 else { return }
@@ -447,14 +461,8 @@ public final class GPUMixtral {
         let routes = parts.flatMap { $0.rows.map { Float(bitPattern: UInt32(truncatingIfNeeded: $0.token)) } } + parts.flatMap { $0.rows.map(\.weight) }
         let staged = try gpu.allocate((n * D + 2 * n) * 4, category: GPU.workspace)
         try gpu.uploadAsync(parts.map(\.output) + [routes], into: staged)
-        var row = 0
-        for part in parts where !part.rows.isEmpty {
-            let m = part.rows.count
-            try ops.scatterAddRows(out, staged.view(offset: row * D * 4, bytes: m * D * 4),
-                                   indices: staged.view(offset: (n * D + row) * 4, bytes: m * 4),
-                                   weights: staged.view(offset: (n * D + n + row) * 4, bytes: m * 4), rows: m, dim: D)
-            row += m
-        }
+        try ops.scatterAddExpertRows(out, staged, indices: staged.view(offset: n * D * 4, bytes: n * 4), weights: staged.view(offset: (n * D + n) * 4, bytes: n * 4),
+                                     groups: parts.map(\.rows.count), dim: D)
     }
 
     /// The MoE half of a layer on the GPU without a host round trip (bf16 experts, few

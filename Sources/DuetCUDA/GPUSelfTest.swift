@@ -85,6 +85,7 @@ public enum GPUSelfTest {
                 checks.append(Check(name: "embed_bf16 V=\(V) D=\(D) T=\(T)", error: relativeError(try gpu.download(gy, count: T * D), reference), tolerance: 1e-7))
             }
             checks += try fusedDenseChecks(gpu: gpu, ops: ops, cpu: cpu)
+            checks += try sequencePlacesChecks(gpu: gpu, ops: ops, cpu: cpu)
             for n in [1, 4099] {
                 let x = KernelSelfTest.random(n, seed: 21), y = KernelSelfTest.random(n, seed: 22)
                 let gx = try gpu.upload(x, category: "workspace"), gy = try gpu.upload(y, category: "workspace")
@@ -201,6 +202,55 @@ public enum GPUSelfTest {
                               rows: (Ns[0], Ns[1], Ns[2]), cols: K, tokens: T)
             for i in 0..<3 { error = max(error, relativeError(try gpu.download(outputs[i], count: T * Ns[i]), references[i])) }
             checks.append(Check(name: "gemv3_bf16 N=\(Ns) K=\(K) T=\(T)", error: error, tolerance: 1e-5))
+        }
+        return checks
+    }
+
+    /// One token per sequence in one launch each (beams, batches): rope + cache writes and
+    /// attention, each token in its own region at its own position (regions out of order,
+    /// one unused, positions from 0), against the CPU's rope and attention per token.
+    static func sequencePlacesChecks(gpu: GPU, ops: GPUOps, cpu: CPUKernels) throws(CUDAError) -> [Check] {
+        var checks: [Check] = []
+        for (H, Hkv, d, P, window) in [(32, 8, 128, 300, nil), (4, 2, 24, 40, nil), (8, 2, 32, 64, 9 as Int?)] {
+            let places = [(slot: 3, position: P - 1), (slot: 0, position: 0), (slot: 4, position: P / 2), (slot: 1, position: 7)]
+            let T = places.count, R = 5, region = P * Hkv * d
+            let q = KernelSelfTest.random(T * H * d, seed: 81), k = KernelSelfTest.random(T * Hkv * d, seed: 82), v = KernelSelfTest.random(T * Hkv * d, seed: 83)
+            let keys = KernelSelfTest.random(R * region, seed: 84), values = KernelSelfTest.random(R * region, seed: 85)
+            let rope = Rope(headDim: d, theta: 1e6)
+            var refQ = q, refKeys = keys, refValues = values, reference = [Float](repeating: 0, count: T * H * d)
+            for (t, p) in places.enumerated() {
+                var qt = Array(q[(t * H * d)..<((t + 1) * H * d)]), kt = Array(k[(t * Hkv * d)..<((t + 1) * Hkv * d)])
+                rope.apply(&qt, heads: H, positions: p.position..<(p.position + 1))
+                rope.apply(&kt, heads: Hkv, positions: p.position..<(p.position + 1))
+                refQ.replaceSubrange((t * H * d)..<((t + 1) * H * d), with: qt)
+                let row = p.slot * region + p.position * Hkv * d
+                refKeys.replaceSubrange(row..<(row + Hkv * d), with: kt)
+                refValues.replaceSubrange(row..<(row + Hkv * d), with: v[(t * Hkv * d)..<((t + 1) * Hkv * d)])
+            }
+            for (t, p) in places.enumerated() {
+                var out = [Float](repeating: 0, count: H * d)
+                refKeys.withUnsafeBufferPointer { kp in
+                    refValues.withUnsafeBufferPointer { vp in
+                        DuetCPU.attention(queries: Array(refQ[(t * H * d)..<((t + 1) * H * d)]),
+                                          keys: KVRows(contiguous: kp.baseAddress! + p.slot * region, rowWidth: Hkv * d),
+                                          values: KVRows(contiguous: vp.baseAddress! + p.slot * region, rowWidth: Hkv * d), out: &out,
+                                          tokens: 1, start: p.position, heads: H, kvHeads: Hkv, headDim: d, window: window, pool: cpu.pool)
+                    }
+                }
+                reference.replaceSubrange((t * H * d)..<((t + 1) * H * d), with: out)
+            }
+            let table = try gpu.upload(array: places.flatMap { [Int32($0.slot), Int32($0.position)] }, category: "workspace")
+            let at = SequencePlaces(table: table, regionFloats: region, positions: places.map { $0.position + 1 }.max()!)
+            let gq = try gpu.upload(q, category: "workspace"), gk = try gpu.upload(k, category: "workspace"), gv = try gpu.upload(v, category: "workspace")
+            let gkeys = try gpu.upload(keys, category: "kv"), gvalues = try gpu.upload(values, category: "kv")
+            let go = try gpu.allocate(T * H * d * 4, category: "workspace")
+            try ops.ropeStore(q: gq, k: gk, v: gv, keys: gkeys, values: gvalues, inverseFrequencies: try gpu.upload(rope.inverseFrequencies, category: "workspace"),
+                              tokens: T, heads: H, kvHeads: Hkv, headDim: d, start: 0, places: at)
+            try ops.attention(queries: gq, keys: gkeys, values: gvalues, out: go, places: at, tokens: T, heads: H, kvHeads: Hkv, headDim: d, window: window)
+            let cacheError = max(relativeError(try gpu.download(gkeys, count: R * region), refKeys), relativeError(try gpu.download(gvalues, count: R * region), refValues))
+            let name = "T=\(T) H=\(H)/\(Hkv) d=\(d) P=\(P) window=\(window.map(String.init) ?? "-")"
+            checks.append(Check(name: "rope_store per sequence \(name)", error: max(cacheError, relativeError(try gpu.download(gq, count: T * H * d), refQ)), tolerance: 1e-6))
+            checks.append(Check(name: "attention per sequence \(name)", error: relativeError(try gpu.download(go, count: T * H * d), reference), tolerance: 1e-5))
         }
         return checks
     }
@@ -440,10 +490,12 @@ public enum GPUSelfTest {
         guard fileExists(file) else { return [] }
         let golden = try HFBeamGolden.load(file: file)
         var out: [Check] = []
+        var loaded: [String: MixtralModel] = [:]  // the cases share a few models
         for offload in [false, true] {
             var mismatches = 0, worst = 0.0
             for c in golden.cases {
-                let cpu = try MixtralModel(directory: joinPath(goldens, c.model), kernels: .reference())
+                let cpu = try loaded[c.model] ?? MixtralModel(directory: joinPath(goldens, c.model), kernels: .reference())
+                loaded[c.model] = cpu
                 let gpu = try GPU()
                 let model = try GPULanguageModel(cpu, gpu: gpu, maxPositions: 64, sequences: c.num_beams + 1, experts: !offload)
                 var executor: OffloadExecutor? = nil

@@ -121,10 +121,18 @@ enum KernelSource {
     // key cache at position start + t; the rest copy value head j - H - Hkv into the value
     // cache (the selftest checks it against DuetCPU's Rope.apply). start_at non-null: the
     // first position is read from there (a captured decode step serves every position).
+    // places non-null: token t is one sequence's next token (beams, a batch), at position
+    // places[2t + 1] of the cache region that starts places[2t] * slot_floats floats in.
     __global__ void rope_store(float* q, const float* k, const float* v, float* keys, float* values,
-                               const float* inv_freq, int H, int Hkv, int d, int start, const int* start_at) {
+                               const float* inv_freq, int H, int Hkv, int d, int start, const int* start_at,
+                               const int* places, long slot_floats) {
         if (start_at) start = *start_at;
         int t = blockIdx.x, j = blockIdx.y, pos = start + t;
+        if (places) {
+            pos = places[2 * t + 1];
+            keys += (long)places[2 * t] * slot_floats;
+            values += (long)places[2 * t] * slot_floats;
+        }
         if (j < H) {
             float* head = q + ((long)t * H + j) * d;
             rope_head(head, head, inv_freq, d, pos);
@@ -140,14 +148,21 @@ enum KernelSource {
     // Causal GQA attention of T queries at positions start..start+T-1 over a contiguous cache
     // keys/values [positions, Hkv, d]; query t attends to max(0, p - window + 1) .. p
     // (window <= 0: no window). One block per (t, h); scores in dynamic shared memory.
-    // start_at non-null: start is read from there (as rope_store).
+    // start_at non-null: start is read from there; places non-null: query t is at position
+    // places[2t + 1] of its own sequence's region (both as rope_store).
     __global__ void attention(const float* q, const float* keys, const float* values, float* out,
-                              int start, int H, int Hkv, int d, int window, const int* start_at) {
+                              int start, int H, int Hkv, int d, int window, const int* start_at,
+                              const int* places, long slot_floats) {
         extern __shared__ float scores[];
         __shared__ float red[32];
         __shared__ float4 partial[8][32];
         if (start_at) start = *start_at;
         int t = blockIdx.x, h = blockIdx.y, p = start + t, kvh = h / (H / Hkv);
+        if (places) {
+            p = places[2 * t + 1];
+            keys += (long)places[2 * t] * slot_floats;
+            values += (long)places[2 * t] * slot_floats;
+        }
         int first = window > 0 ? max(0, p - window + 1) : 0, n = p - first + 1;
         const float* qv = q + ((long)t * H + h) * d;
         float scale = rsqrtf((float)d);
@@ -760,6 +775,21 @@ enum KernelSource {
     """
 }
 
+/// Where each token of a step goes when every token is a different sequence's next one
+/// (beams, a batch) and the KV cache holds one region of `regionFloats` floats per sequence:
+/// token t at position `table[2t + 1]` of region `table[2t]` (Int32 pairs on the device).
+public struct SequencePlaces {
+    public var table: DeviceBuffer
+    public var regionFloats: Int
+    /// The largest position + 1 (what the longest query attends over).
+    public var positions: Int
+    public init(table: DeviceBuffer, regionFloats: Int, positions: Int) {
+        self.table = table
+        self.regionFloats = regionFloats
+        self.positions = positions
+    }
+}
+
 /// Packs kernel arguments: each value in its own small allocation, as cuLaunchKernel wants.
 final class KernelArguments {
     private(set) var pointers: [UnsafeMutableRawPointer?] = []
@@ -800,13 +830,16 @@ public struct GPUOps {
     /// Rotates q `[T, H, d]` in place and k `[T, Hkv, d]` into the key cache, and copies v
     /// into the value cache, at positions `start..<start+T` (one launch; caches `[P, Hkv, d]`).
     /// `startAt` (one Int32 on the device), when given, holds the first position instead of
-    /// `start` (a captured decode step).
+    /// `start` (a captured decode step). `places`, when given: token t goes to its own
+    /// sequence's region and position instead (`start` unused; caches `[regions, P, Hkv, d]`).
     public func ropeStore(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, inverseFrequencies: DeviceBuffer,
-                          tokens T: Int, heads H: Int, kvHeads Hkv: Int, headDim d: Int, start: Int, startAt: DeviceBuffer? = nil) throws(CUDAError) {
+                          tokens T: Int, heads H: Int, kvHeads Hkv: Int, headDim d: Int, start: Int, startAt: DeviceBuffer? = nil,
+                          places: SequencePlaces? = nil) throws(CUDAError) {
         let f = try gpu.function("rope_store", in: KernelSource.common)
         let a = KernelArguments()
         a.add(q); a.add(k); a.add(v); a.add(keys); a.add(values); a.add(inverseFrequencies)
         a.add(Int32(H)); a.add(Int32(Hkv)); a.add(Int32(d)); a.add(Int32(start)); a.add(startAt?.pointer ?? 0)
+        a.add(places?.table.pointer ?? 0); a.add(Int64(places?.regionFloats ?? 0))
         try gpu.launch(f, grid: (UInt32(T), UInt32(H + 2 * Hkv), 1), block: (64, 1, 1), arguments: a.pointers)
     }
 
@@ -851,11 +884,34 @@ public struct GPUOps {
             a.add(Int32(T)); a.add(Int32(start)); a.add(Int32(H)); a.add(Int32(kvHeads)); a.add(Int32(d)); a.add(Int32(window ?? 0))
             return try gpu.launch(f, grid: (UInt32((T + 31) / 32), UInt32(H), 1), block: (128, 1, 1), arguments: a.pointers)
         }
+        try perQueryAttention(queries: q, keys: keys, values: values, out: out, tokens: T, start: start, startAt: startAt, places: nil,
+                              positions: start + T, heads: H, kvHeads: kvHeads, headDim: d, window: window)
+    }
+
+    /// Attention of one query per sequence (beams, a batch) over each one's own region of the
+    /// caches `[regions, P, Hkv, d]`, in one launch: query t at `places`' position t. Up to
+    /// `attentionPlacesMaxPositions` positions (the per-query kernel's scores in shared memory).
+    public func attention(queries q: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, out: DeviceBuffer, places: SequencePlaces,
+                          tokens T: Int, heads H: Int, kvHeads: Int, headDim d: Int, window: Int?) throws(CUDAError) {
+        guard places.positions <= Self.attentionPlacesMaxPositions else {
+            throw .unavailable("one launch attends over at most \(Self.attentionPlacesMaxPositions) positions per sequence")
+        }
+        try perQueryAttention(queries: q, keys: keys, values: values, out: out, tokens: T, start: 0, startAt: nil, places: places,
+                              positions: places.positions, heads: H, kvHeads: kvHeads, headDim: d, window: window)
+    }
+
+    /// The per-query kernel's most positions (its scores live in shared memory).
+    public static let attentionPlacesMaxPositions = scoreSharedBytes / 4
+
+    /// One block per (query, head), all `positions` scores of a query in shared memory.
+    private func perQueryAttention(queries q: DeviceBuffer, keys: DeviceBuffer, values: DeviceBuffer, out: DeviceBuffer, tokens T: Int,
+                                   start: Int, startAt: DeviceBuffer?, places: SequencePlaces?, positions: Int,
+                                   heads H: Int, kvHeads: Int, headDim d: Int, window: Int?) throws(CUDAError) {
         let f = try gpu.function("attention", in: KernelSource.common)
         let a = KernelArguments()
         a.add(q); a.add(keys); a.add(values); a.add(out)
         a.add(Int32(start)); a.add(Int32(H)); a.add(Int32(kvHeads)); a.add(Int32(d)); a.add(Int32(window ?? 0)); a.add(startAt?.pointer ?? 0)
-        let positions = start + T
+        a.add(places?.table.pointer ?? 0); a.add(Int64(places?.regionFloats ?? 0))
         try gpu.launch(f, grid: (UInt32(T), UInt32(H), 1), block: (256, 1, 1), sharedBytes: UInt32(positions * 4), arguments: a.pointers)
     }
 
@@ -920,6 +976,20 @@ public struct GPUOps {
         let a = KernelArguments()
         a.add(out); a.add(y); a.add(indices); a.add(weights); a.add(Int32(D))
         try gpu.launch(f, grid: (UInt32(M), 1, 1), block: (256, 1, 1), arguments: a.pointers)
+    }
+
+    /// out `[T, D]` += weights[i] * y[i] at row indices[i], for experts' output rows `y`
+    /// `[Σ groups, D]` one expert after another (`groups`: each one's row count): one launch
+    /// per expert, in order, so no launch adds into a token's row twice and every token's
+    /// sum is taken in expert order.
+    public func scatterAddExpertRows(_ out: DeviceBuffer, _ y: DeviceBuffer, indices: DeviceBuffer, weights: DeviceBuffer,
+                                     groups: [Int], dim D: Int) throws(CUDAError) {
+        var row = 0
+        for m in groups where m > 0 {
+            try scatterAddRows(out, y.view(offset: row * D * 4, bytes: m * D * 4), indices: indices.view(offset: row * 4, bytes: m * 4),
+                               weights: weights.view(offset: row * 4, bytes: m * 4), rows: m, dim: D)
+            row += m
+        }
     }
 
     /// h `[T * k, F]` = silu(W1 x) * (W3 x) for each token's k chosen experts (`ids` `[T, k]`

@@ -23,14 +23,23 @@ public enum ExpertPlanner {
             points = [Point(tokens: 1, seconds: fixed + perToken), Point(tokens: 2, seconds: fixed + 2 * perToken)]
         }
 
-        /// Through measured `(tokens, seconds)`; more tokens never cost less (noise is
-        /// flattened with a running maximum).
+        /// Through measured `(tokens, seconds)`; more tokens never cost less: where noise
+        /// makes a point cost less than the one before, the run of points involved takes
+        /// their mean (the least-squares nondecreasing fit, by pooling adjacent violators —
+        /// a running maximum would keep every upward error).
         public init(measured: [(Int, Double)]) {
-            var best = 0.0
-            points = measured.sorted { $0.0 < $1.0 }.map { t, s in
-                best = max(best, s)
-                return Point(tokens: t, seconds: best)
+            let sorted = measured.sorted { $0.0 < $1.0 }
+            var pools: [(sum: Double, count: Int)] = []
+            for (_, s) in sorted {
+                pools.append((s, 1))
+                while pools.count > 1, let last = pools.last, last.sum / Double(last.count) < pools[pools.count - 2].sum / Double(pools[pools.count - 2].count) {
+                    pools.removeLast()
+                    pools[pools.count - 1].sum += last.sum
+                    pools[pools.count - 1].count += last.count
+                }
             }
+            let fitted = pools.flatMap { [Double](repeating: $0.sum / Double($0.count), count: $0.count) }
+            points = zip(sorted, fitted).map { Point(tokens: $0.0.0, seconds: $0.1) }
         }
 
         public func callAsFunction(_ tokens: Int) -> Double {

@@ -127,13 +127,15 @@ func cpuModelName() -> String {
 
 extension OffloadExecutor {
     /// Measures the latency model on this machine now: the CPU runs experts at `tokenCounts`
-    /// tokens (the mean over distinct experts), the device one (best of `repeats`), and the device copies one expert's
-    /// weights into a slot. Takes a few seconds for a Mixtral-8x7B expert; the planner uses the result.
+    /// tokens (the mean over 4 x `repeats` distinct experts, at least 12: single experts'
+    /// times are noisy, and the planner's bound is only as good as this mean), the device
+    /// one (best of `repeats`), and the device copies one expert's weights into a slot. Takes
+    /// a few seconds for a Mixtral-8x7B expert; the planner uses the result.
     public func calibrate(tokenCounts: [Int] = [1, 4, 16, 64], repeats: Int = 3, fingerprint: String) throws(DeviceError) -> LatencyCalibration {
         let D = shape.hidden
         let probe = ExpertKey(layer: 0, expert: 0)
         let slot = try calibrationSlot(probe)
-        let cpuTimes = LatencyCalibration.cpuExpertSeconds(model, tokenCounts: tokenCounts, experts: max(4, repeats), among: nonResident)
+        let cpuTimes = LatencyCalibration.cpuExpertSeconds(model, tokenCounts: tokenCounts, experts: max(12, 4 * repeats), among: nonResident)
         var points: [LatencyCalibration.Point] = []
         for (T, cpu) in zip(tokenCounts, cpuTimes) {
             // The device's best time over its slot.

@@ -45,6 +45,8 @@ public struct OffloadStats: Sendable, Equatable {
     /// expert part's bound.
     public var plannedSeconds = 0.0
     public var boundSeconds = 0.0
+    /// Of the planned makespans: the CPU's predicted part (against `cpuSeconds`, measured).
+    public var plannedCPUSeconds = 0.0
 
     public init() {}
 
@@ -67,6 +69,7 @@ public struct OffloadStats: Sendable, Equatable {
         d.fallbacks = fallbacks - earlier.fallbacks
         d.plannedSeconds = plannedSeconds - earlier.plannedSeconds
         d.boundSeconds = boundSeconds - earlier.boundSeconds
+        d.plannedCPUSeconds = plannedCPUSeconds - earlier.plannedCPUSeconds
         return d
     }
 
@@ -149,11 +152,18 @@ public final class OffloadExecutor: ExpertExecutor {
         }
     }
 
-    /// Page-locks the host memory of every expert this policy may stream (fiddler, gpu-swap);
-    /// returns the bytes registered.
+    /// Page-locks the host memory of every expert this policy may stream — fiddler: the
+    /// non-resident ones; gpu-swap: all of them, since the experts its caches start with are
+    /// evicted and copied back later (a copy from pageable memory blocks the issuing thread) —
+    /// and returns the bytes registered.
     public func pinStreamedExperts() -> Int {
-        guard policy != .layerSplit else { return 0 }
-        return device.pin(nonResident.map { model.layers[$0.layer].experts[$0.expert] })
+        let keys: [ExpertKey]
+        switch policy {
+        case .layerSplit: return 0
+        case .fiddler: keys = nonResident
+        case .gpuSwap: keys = (0..<placement.layers).flatMap { l in (0..<placement.experts).map { ExpertKey(layer: l, expert: $0) } }
+        }
+        return device.pin(keys.map { model.layers[$0.layer].experts[$0.expert] })
     }
 
     public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float] {
@@ -249,6 +259,7 @@ public final class OffloadExecutor: ExpertExecutor {
             else { refreshSlowdown(measured: cpuSeconds, alone: plan.cpuSeconds / latency.cpuSlowdownWhileCopying) }
         }
         stats.plannedSeconds += plan.makespan
+        stats.plannedCPUSeconds += submitted || jobs.isEmpty ? plan.cpuSeconds : 0
         if let reference { stats.boundSeconds += ExpertPlanner.plan(loads, model: reference).makespan }
         model.expertUsage.addCPU(tokenExperts: cpuTokenExperts, seconds: cpuSeconds)
         return (outputs, deviceAdded)

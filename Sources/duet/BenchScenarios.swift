@@ -87,6 +87,10 @@ struct BenchScenarios: ParsableCommand {
         var hitRate: Double
         var bytesCopiedPerStep: Double
         var activationBytesPerStep: Double
+        /// What the planner predicted for the expert part (the latency model as refreshed
+        /// during the run), and of that the CPU's part (against cpuExpertSeconds).
+        var plannedSeconds: Double?
+        var plannedCPUSeconds: Double?
         /// The expert part's best CPU/PCIe split under the measured latency model, and bound / measured.
         var boundSeconds: Double
         var measuredSeconds: Double
@@ -239,6 +243,7 @@ struct BenchScenarios: ParsableCommand {
                    submitSeconds: executor.map { _ in d.submitSeconds },
                    hitRate: d.hitRate, bytesCopiedPerStep: Double(d.bytesCopied) / Double(max(steps, 1)),
                    activationBytesPerStep: Double(d.activationBytes) / Double(max(steps, 1)),
+                   plannedSeconds: executor.map { _ in d.plannedSeconds }, plannedCPUSeconds: executor.map { _ in d.plannedCPUSeconds },
                    boundSeconds: bound, measuredSeconds: measured, fraction: measured > 0 ? bound / measured : 0)
     }
 
@@ -254,7 +259,7 @@ struct BenchScenarios: ParsableCommand {
     func describe(_ r: Row) -> String {
         let speed = r.decodeTokensPerSecond.map { "\(fixed($0, 2)) tok/s" } ?? r.stepSeconds.map { "\(fixed($0, 3)) s/step" } ?? "\(fixed(r.prefillSeconds, 3)) s"
         return "\(r.scenario.name.padding(18)) \(r.strategy.padding(11)) \((r.expertDtype ?? "bf16").padding(5)) \(r.layout.padding(12)) \(speed.padding(13)) prefill \(fixed(r.prefillSeconds, 2)) s | "
-            + "CPU \(fixed(r.cpuExpertSeconds, 2)) s, wait \(fixed(r.deviceWaitSeconds, 2)) s, copies \(fixed(r.deviceCopySeconds, 2)) s, other \(fixed(r.otherSeconds, 2)) s"
+            + "CPU \(fixed(r.cpuExpertSeconds, 2)) s\(r.plannedCPUSeconds.map { " (planned \(fixed($0, 2)) s)" } ?? ""), wait \(fixed(r.deviceWaitSeconds, 2)) s, copies \(fixed(r.deviceCopySeconds, 2)) s, other \(fixed(r.otherSeconds, 2)) s"
             + (r.denseIssueSeconds.map { " (dense issue \(fixed($0, 2)) s, download \(fixed(r.downloadSeconds ?? 0, 2)) s, route \(fixed(r.routeSeconds ?? 0, 2)) s, upload \(fixed(r.uploadSeconds ?? 0, 2)) s, executor \(fixed(r.executorOverheadSeconds ?? 0, 2)) s of which submit \(fixed(r.submitSeconds ?? 0, 2)) s)" } ?? "") + " | "
             + "hit \(fixed(r.hitRate * 100, 1))% | \(fixed(r.bytesCopiedPerStep / 1e9, 2)) GB copied/step | bound \(fixed(r.boundSeconds, 2)) s of \(fixed(r.measuredSeconds, 2)) s = \(fixed(r.fraction, 2))"
     }

@@ -61,13 +61,22 @@ struct ExpertPlacementTests {
         let c = LatencyCalibration(fingerprint: "f", points: [.init(tokens: 1, cpuSeconds: 3, deviceSeconds: 1),
                                                               .init(tokens: 8, cpuSeconds: 2.5, deviceSeconds: 1.5),
                                                               .init(tokens: 16, cpuSeconds: 7, deviceSeconds: 2)], transferSeconds: 6)
-        // The CPU's noisy dip at 8 tokens is flattened (more tokens never cost less): 3 up to 8,
-        // then 3 + (7 - 3) / 8 per token, and the last segment extends beyond 16.
-        #expect(c.model.cpu(1) == 3 && c.model.cpu(8) == 3)
-        #expect(c.model.cpu(12) == 5 && c.model.cpu(24) == 11)
+        // The CPU's noisy dip at 8 tokens is pooled with the point before it (more tokens never
+        // cost less): their mean 2.75 up to 8, then 2.75 + (7 - 2.75) / 8 per token, and the
+        // last segment extends beyond 16.
+        #expect(c.model.cpu(1) == 2.75 && c.model.cpu(8) == 2.75)
+        #expect(c.model.cpu(12) == 4.875 && c.model.cpu(24) == 11.25)
         let expected: Double = 1 + 0.5 * 3 / 7
         #expect(c.model.gpu(4) == expected)
         #expect(c.model.cpu(0) == 0 && c.model.transfer == 6 && c.model.cpuSlowdownWhileCopying == 1)
+    }
+
+    @Test func costPoolsEveryRunOfNoise() {
+        // 4, 2, 3 pool to their mean 3; 5 and 6 stand until 1 comes: 6 and 1 pool to 3.5,
+        // below 5, so 5, 6, 1 pool to 4, which is not below 3.
+        let c = ExpertPlanner.Cost(measured: [(1, 4), (2, 2), (4, 3), (8, 5), (16, 6), (32, 1)])
+        #expect(c.points.map(\.seconds) == [3, 3, 3, 4, 4, 4])
+        #expect(c.points.map(\.tokens) == [1, 2, 4, 8, 16, 32])
     }
 }
 
