@@ -121,8 +121,10 @@ public enum ExpertPlanner {
     public static let copyMargin = 0.15
 
     /// The plan with the smallest makespan (ties: fewer copies); copies only when they save
-    /// more than `copyMargin` over the all-CPU plan.
-    public static func plan(_ loads: [Load], model: LatencyModel) -> Plan {
+    /// more than `copyMargin` over the all-CPU plan. `copyCredit`: seconds each copy is worth
+    /// beyond this step (the copied expert stays cached, and later steps may find it there):
+    /// plans are compared by makespan minus that credit per copy.
+    public static func plan(_ loads: [Load], model: LatencyModel, copyCredit: Double = 0) -> Plan {
         let routed = loads.filter { $0.tokens > 0 }
         var base = Plan()
         for l in routed where l.resident {
@@ -145,8 +147,9 @@ public enum ExpertPlanner {
             if !p.copied.isEmpty { p.cpuSeconds *= model.cpuSlowdownWhileCopying }
             return p
         }
+        func objective(_ p: Plan) -> Double { p.makespan - copyCredit * Double(p.copied.count) }
         func better(_ a: Plan, than b: Plan) -> Bool {
-            if a.makespan != b.makespan { return a.makespan < b.makespan }
+            if objective(a) != objective(b) { return objective(a) < objective(b) }
             return a.copied.count < b.copied.count
         }
         let allCPU = evaluate([Bool](repeating: false, count: movable.count))
@@ -170,7 +173,7 @@ public enum ExpertPlanner {
                 if better(candidate, than: best) { best = candidate }
             }
         }
-        if !best.copied.isEmpty && best.makespan > (1 - copyMargin) * allCPU.makespan { best = allCPU }
+        if !best.copied.isEmpty && objective(best) > (1 - copyMargin) * allCPU.makespan { best = allCPU }
         best.resident.sort()
         return best
     }

@@ -6,7 +6,8 @@ import DuetModels
 public enum OffloadPolicy: String, Sendable, CaseIterable {
     /// Fiddler's idea with a makespan planner: popular experts resident; each other routed
     /// expert computed on the CPU or copied and computed on the device, whichever finishes
-    /// the layer sooner under the measured latency model.
+    /// the layer sooner under the measured latency model. Copies in decode-sized steps stay
+    /// in the layer's slots (least recently used out), credited with the reuse measured so far.
     case fiddler
     /// mixtral-offloading's: every routed non-resident expert is copied to the device into
     /// an LRU cache of experts that fills the budget.
@@ -102,12 +103,20 @@ public final class OffloadExecutor: ExpertExecutor {
     /// fiddler: the two streaming buffers, used in turn; gpu-swap: every cache slot (only for
     /// calibration, which borrows the first).
     private var streaming: [Int] = []
-    /// gpu-swap: each layer's cache slots, least recently used first (mixtral-offloading keeps
-    /// one LRU cache per layer; one cache across layers would evict every expert before the
-    /// next token comes back to its layer).
+    /// gpu-swap and fiddler: each layer's slots, least recently used first, starting with the
+    /// placement's experts (mixtral-offloading keeps one LRU cache per layer; one cache
+    /// across layers would evict every expert before the next token comes back to its layer).
+    /// gpu-swap copies every routed expert in; fiddler only what its plan copies in small steps.
     private var swapSlots: [[Int]] = []
     private var contents: [Int: ExpertKey] = [:]
     private var nextStreaming = 0
+    private var reuse: ReuseEstimate
+
+    /// fiddler: steps of at most this many tokens (decode, beams, small batches) copy into
+    /// the layer's slots, so the expert stays for the steps after; larger ones (prompts, which
+    /// route to most experts once) stream their copies through the streaming slots and leave
+    /// the resident experts in place.
+    public static let cachedCopyMaxTokens = 16
 
     /// Device slots `policy` needs beyond the resident experts.
     public static func streamingSlots(_ policy: OffloadPolicy) -> Int { policy == .fiddler ? 2 : 0 }
@@ -122,6 +131,7 @@ public final class OffloadExecutor: ExpertExecutor {
         self.device = device
         self.policy = policy
         self.latency = latency
+        reuse = ReuseEstimate(layers: model.config.numHiddenLayers, routedShare: Double(model.config.numExpertsPerToken) / Double(model.config.numLocalExperts))
         let wanted = placement.resident.count + Self.streamingSlots(policy)
         let got = try device.prepare(shape: shape, slots: wanted, maxRows: maxRows)
         // Fewer slots than planned (a real out-of-memory): the least popular residents go.
@@ -137,11 +147,12 @@ public final class OffloadExecutor: ExpertExecutor {
         }
         switch policy {
         case .fiddler: streaming = Array(residentCount..<got)
-        case .gpuSwap:  // the resident set is the caches' initial contents
-            streaming = Array(0..<residentCount)
+        case .gpuSwap: streaming = Array(0..<residentCount)
+        case .layerSplit: streaming = []
+        }
+        if policy != .layerSplit {  // the resident set is the caches' initial contents
             swapSlots = [[Int]](repeating: [], count: placement.layers)
             for (slot, key) in self.placement.resident.enumerated() { swapSlots[key.layer].append(slot) }
-        case .layerSplit: streaming = []
         }
     }
 
@@ -152,17 +163,13 @@ public final class OffloadExecutor: ExpertExecutor {
         }
     }
 
-    /// Page-locks the host memory of every expert this policy may stream — fiddler: the
-    /// non-resident ones; gpu-swap: all of them, since the experts its caches start with are
-    /// evicted and copied back later (a copy from pageable memory blocks the issuing thread) —
-    /// and returns the bytes registered.
+    /// Page-locks the host memory of every expert this policy may copy — fiddler and
+    /// gpu-swap: all of them, since the experts placed at start can be evicted from their
+    /// layer's slots and copied back later (a copy from pageable memory blocks the issuing
+    /// thread) — and returns the bytes registered.
     public func pinStreamedExperts() -> Int {
-        let keys: [ExpertKey]
-        switch policy {
-        case .layerSplit: return 0
-        case .fiddler: keys = nonResident
-        case .gpuSwap: keys = (0..<placement.layers).flatMap { l in (0..<placement.experts).map { ExpertKey(layer: l, expert: $0) } }
-        }
+        guard policy != .layerSplit else { return 0 }
+        let keys = (0..<placement.layers).flatMap { l in (0..<placement.experts).map { ExpertKey(layer: l, expert: $0) } }
         return device.pin(keys.map { model.layers[$0.layer].experts[$0.expert] })
     }
 
@@ -193,14 +200,17 @@ public final class OffloadExecutor: ExpertExecutor {
         // Residency as it stands before this step's copies change the gpu-swap caches: the
         // plan and the bound both see it.
         let loads = loads(layer: l, assignments)
-        let plan = makePlan(layer: l, loads: loads)
+        let tokenExperts = assignments.reduce(0) { $0 + $1.count }  // tokens x experts per token
+        let caches = policy == .gpuSwap || (policy == .fiddler && tokenExperts <= Self.cachedCopyMaxTokens * model.config.numExpertsPerToken)
+        let plan = makePlan(layer: l, loads: loads, caching: caches)
         var outputs = [[Float]?](repeating: nil, count: E)
 
         // Device first: it works while the CPU computes the rest.
         let deviceExperts = plan.resident + plan.copied
+        let routed = Set(loads.map(\.expert))
         var jobs: [DeviceJob] = []
         for e in deviceExperts {
-            let (slot, copy) = slotFor(ExpertKey(layer: l, expert: e))
+            let (slot, copy) = slotFor(ExpertKey(layer: l, expert: e), caching: caches, routed: routed)
             jobs.append(DeviceJob(slot: slot, copy: copy ? model.layers[l].experts[e] : nil, tokens: assignments[e].count))
         }
         var submitted = false
@@ -277,11 +287,16 @@ public final class OffloadExecutor: ExpertExecutor {
         }
     }
 
-    /// The policy's decision for one layer's routed experts.
-    func makePlan(layer l: Int, loads: [ExpertPlanner.Load]) -> ExpertPlanner.Plan {
+    /// The policy's decision for one layer's routed experts. `caching`: copies stay in the
+    /// layer's slots (fiddler's small steps), so each is credited with the expected reuse.
+    func makePlan(layer l: Int, loads: [ExpertPlanner.Load], caching: Bool) -> ExpertPlanner.Plan {
         switch policy {
         case .fiddler where !streaming.isEmpty:
-            return ExpertPlanner.plan(loads, model: latency)
+            guard caching, !swapSlots[l].isEmpty else { return ExpertPlanner.plan(loads, model: latency) }
+            let routed = Set(loads.map(\.expert))
+            let victim = evictable(layer: l, routed: routed)
+            let credit = reuse.observe(layer: l, routed: routed, evicted: victim.flatMap { contents[$0]?.expert })
+            return ExpertPlanner.plan(loads, model: latency, copyCredit: victim == nil ? 0 : credit * latency.cpu(1))
         case .gpuSwap where !swapSlots[l].isEmpty:
             // More routed experts than slots: slots are reused within the step, in order
             // (the device copies into a slot only after the job before it there is done).
@@ -308,29 +323,38 @@ public final class OffloadExecutor: ExpertExecutor {
     }
 
     /// The slot `key` runs from, and whether its weights must be copied there first.
-    private func slotFor(_ key: ExpertKey) -> (slot: Int, copy: Bool) {
+    /// `caching`: a copy replaces the layer's least recently used expert (and stays);
+    /// otherwise it goes through a streaming slot.
+    private func slotFor(_ key: ExpertKey, caching: Bool, routed: Set<Int>) -> (slot: Int, copy: Bool) {
         if let slot = slotOf[key] {
             touch(slot, layer: key.layer)
             return (slot, false)
         }
         let slot: Int
-        if policy == .gpuSwap {
-            slot = swapSlots[key.layer].removeFirst()  // least recently used (this step's hits were touched last)
-            swapSlots[key.layer].append(slot)
+        // gpu-swap takes the least recently used slot whatever it holds (this step's hits were
+        // touched last, so they go only when every slot is one); fiddler never evicts an
+        // expert this step uses and streams the copy instead.
+        if caching, let lru = policy == .gpuSwap ? swapSlots[key.layer].first : evictable(layer: key.layer, routed: routed) {
+            swapSlots[key.layer].removeAll { $0 == lru }
+            swapSlots[key.layer].append(lru)
+            if let old = contents[lru] { slotOf[old] = nil }
+            slotOf[key] = lru
+            slot = lru
         } else {
             slot = streaming[nextStreaming % streaming.count]
             nextStreaming += 1
-        }
-        if policy == .gpuSwap {
-            if let old = contents[slot] { slotOf[old] = nil }
-            slotOf[key] = slot
         }
         contents[slot] = key
         return (slot, true)
     }
 
+    /// Layer `l`'s least recently used slot holding none of the step's `routed` experts.
+    private func evictable(layer l: Int, routed: Set<Int>) -> Int? {
+        swapSlots[l].first { slot in contents[slot].map { !routed.contains($0.expert) } ?? true }
+    }
+
     private func touch(_ slot: Int, layer l: Int) {
-        guard policy == .gpuSwap, let i = swapSlots[l].firstIndex(of: slot) else { return }
+        guard !swapSlots.isEmpty, let i = swapSlots[l].firstIndex(of: slot) else { return }
         swapSlots[l].remove(at: i)
         swapSlots[l].append(slot)
     }
@@ -374,7 +398,7 @@ public final class OffloadExecutor: ExpertExecutor {
     private func fallBack(_ error: any Error, experts: [Int], copied: [Int], layer l: Int) {
         for e in copied {
             let key = ExpertKey(layer: l, expert: e)
-            if let slot = slotOf[key], policy == .gpuSwap { contents[slot] = nil; slotOf[key] = nil }
+            if let slot = slotOf[key] { contents[slot] = nil; slotOf[key] = nil }  // a copy into a cache slot
         }
         stats.fallbacks += 1
         if warnings.count < 8 { warnings.append("device step failed (\(error)); \(experts.count) experts ran on the CPU instead") }
@@ -403,9 +427,47 @@ public final class OffloadExecutor: ExpertExecutor {
     /// work under it, summed, is the run's bound (`OffloadStats.boundSeconds`).
     public private(set) var reference: ExpertPlanner.LatencyModel?
 
+    /// Whether `key`'s weights are on the device now (placed there, or cached by a copy).
+    public func holds(_ key: ExpertKey) -> Bool { slotOf[key] != nil }
+
     /// Hands over the warnings gathered so far.
     public func takeWarnings() -> [String] {
         defer { warnings = [] }
         return warnings
+    }
+}
+
+/// fiddler's estimate of what a copy into a layer's slots is worth: how often an expert
+/// routed in one small step of a layer is routed again at that layer's next small step,
+/// against how often the expert the copy would evict (the layer's least recently used) is
+/// routed — exponential moving averages over layer-steps, starting from uniform routing.
+public struct ReuseEstimate: Sendable {
+    public private(set) var again: Double
+    public private(set) var evicted: Double
+    /// Per layer: the experts its last small step routed, and the one a copy would have evicted then.
+    private var lastRouted: [Set<Int>]
+    private var lastVictim: [Int?]
+    /// Weight of each new observation.
+    public static let rate = 0.05
+
+    public init(layers: Int, routedShare: Double) {
+        again = routedShare
+        evicted = routedShare
+        lastRouted = [Set<Int>](repeating: [], count: layers)
+        lastVictim = [Int?](repeating: nil, count: layers)
+    }
+
+    /// Learns from this step's routed experts of layer `l` (against the layer's step before)
+    /// and notes the expert a copy would evict now (the least recently used one this step
+    /// does not use; nil: none). Returns the hits a copy is expected to add at the layer's
+    /// next step (>= 0): P(routed again) - P(the evicted one is routed).
+    public mutating func observe(layer l: Int, routed now: Set<Int>, evicted victim: Int?) -> Double {
+        if !lastRouted[l].isEmpty {
+            again += Self.rate * (Double(now.intersection(lastRouted[l]).count) / Double(lastRouted[l].count) - again)
+            if let v = lastVictim[l] { evicted += Self.rate * ((now.contains(v) ? 1 : 0) - evicted) }
+        }
+        lastRouted[l] = now
+        lastVictim[l] = victim
+        return max(0, again - evicted)
     }
 }

@@ -47,7 +47,7 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "CPU kernel path: auto, reference, portable, avx512, amx.")
     var kernels: KernelPath = .auto
 
-    @Option(name: .long, help: ArgumentHelp("Where experts run: fiddler (popular experts on the device, the rest on the CPU or copied, per a measured latency model), gpu-swap (every expert copied to an LRU cache on the device), layer-split (whole layers' experts on the device, the rest on the CPU), cpu-only, gpu-only (the whole model on the GPU; --gpu-sequences for beams and batches). Default: fiddler with a GPU, cpu-only without."))
+    @Option(name: .long, help: ArgumentHelp("Where experts run: fiddler (popular experts on the device, the rest on the CPU or copied, per a measured latency model; decode's copies stay in the layer's slots, least recently used out), gpu-swap (every expert copied to an LRU cache on the device), layer-split (whole layers' experts on the device, the rest on the CPU), cpu-only, gpu-only (the whole model on the GPU; --gpu-sequences for beams and batches). Default: fiddler with a GPU, cpu-only without."))
     var strategy: Strategy?
 
     @Option(name: .long, help: "With fiddler, gpu-swap, layer-split: the device that holds experts: gpu, or cpu (a second CPU thread pool in the device role, within --gpu-memory; for trying strategies without a GPU).")

@@ -73,6 +73,36 @@ import Testing
         #expect(P.plan(loads, model: .init(cpu: .init(fixed: 10, perToken: 0), gpu: .init(fixed: 1, perToken: 0), transfer: 7)).copied == [0])
     }
 
+    /// Decode with both routed experts off the device: 3.2 each on the CPU, 6.4 + 0.1 copied.
+    /// One copied costs max(3.2, 6.5) = 6.5 against 6.4 on the CPU, so without credit both
+    /// stay there; a credit of 2 (the copy is likely hit by later steps) makes the copy's
+    /// 4.5 worth taking (below 0.85 x 6.4); a credit of 0.8 (4.5 + 1.2 = 5.7) is not.
+    @Test func aCreditedCopyIsTakenWhenItCostsLittleNow() {
+        let model = P.LatencyModel(cpu: .init(fixed: 3.2, perToken: 0), gpu: .init(fixed: 0.1, perToken: 0), transfer: 6.4)
+        let loads = [P.Load(expert: 1, tokens: 1, resident: false), P.Load(expert: 6, tokens: 1, resident: false)]
+        #expect(P.plan(loads, model: model).copied.isEmpty)
+        let credited = P.plan(loads, model: model, copyCredit: 2)
+        #expect(credited.copied.count == 1 && credited.cpu.count == 1)
+        #expect(abs(credited.makespan - 6.5) < 1e-12)  // the makespan itself is not credited
+        #expect(P.plan(loads, model: model, copyCredit: 0.8).copied.isEmpty)
+        // One expert off the device: copying costs 3.3 more now, more than a credit of 2 returns.
+        #expect(P.plan([loads[0]], model: model, copyCredit: 2).copied.isEmpty)
+    }
+
+    /// The reuse a copy is credited with, by hand: both estimates start at the routed share
+    /// (2 of 8); a layer routing {1, 2} twice moves "again" to 0.25 + 0.05 (1 - 0.25) = 0.2875,
+    /// and the would-be victim 0 not coming back moves "evicted" to 0.25 - 0.05 x 0.25 = 0.2375.
+    @Test func reuseIsLearnedPerLayerStep() {
+        var r = ReuseEstimate(layers: 2, routedShare: 0.25)
+        #expect(r.observe(layer: 0, routed: [1, 2], evicted: 0) == 0)  // nothing to compare with yet
+        #expect(r.observe(layer: 1, routed: [5, 6], evicted: 3) == 0)  // nor in layer 1
+        let credit = r.observe(layer: 0, routed: [1, 2], evicted: 0)
+        #expect(abs(r.again - 0.2875) < 1e-12 && abs(r.evicted - 0.2375) < 1e-12)
+        #expect(abs(credit - 0.05) < 1e-12)
+        // Layer 1 now routes what it evicted before and nothing it routed: no credit.
+        #expect(r.observe(layer: 1, routed: [3, 4], evicted: 5) == 0)
+    }
+
     /// Nothing routed: nothing to do.
     @Test func emptyLayer() {
         let model = P.LatencyModel(cpu: .init(fixed: 1, perToken: 1), gpu: .init(fixed: 1, perToken: 1), transfer: 1)

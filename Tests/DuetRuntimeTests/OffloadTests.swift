@@ -163,6 +163,37 @@ struct ExpertPlacementTests {
         #expect(s.boundSeconds >= 1e-3 * Double(s.copiedExperts), "\(s)")
     }
 
+    /// fiddler's small steps copy into the layer's slots: a copied expert stays (the device
+    /// holds experts the placement did not put there) and later steps find it there, while a
+    /// prompt's copies stream and leave the placement as it was. Logits stay the plain path's.
+    @Test func fiddlerKeepsSmallStepsCopies() throws {
+        // The CPU so slow (1 s an expert) that every non-resident expert is copied.
+        let latency = ExpertPlanner.LatencyModel(cpu: .init(fixed: 1, perToken: 0), gpu: .init(fixed: 1e-5, perToken: 0), transfer: 1e-3)
+        let (model, executor, _) = try offloaded(.fiddler, resident: 4, latency: latency)
+        let c = model.config
+        let keys = (0..<c.numHiddenLayers).flatMap { l in (0..<c.numLocalExperts).map { ExpertKey(layer: l, expert: $0) } }
+        let placed = Set(executor.placement.resident)
+        let plain = try plainModel()
+        let (cache, plainCache) = (model.makeCache(), plain.makeCache())
+        let prompt: [Int32] = (0..<40).map { Int32(3 + $0 * 7) }  // 40 tokens x 2 experts: a streamed step
+        #expect(try model.forward(prompt, cache: cache, allLogits: false) == plain.forward(prompt, cache: plainCache, allLogits: false))
+        let afterPrompt = executor.stats
+        #expect(afterPrompt.copiedExperts > 0)
+        #expect(Set(keys.filter(executor.holds)) == placed)  // the prompt's copies streamed
+        // One token again and again routes to the same experts: each non-resident one is
+        // copied once, then hit.
+        let steps = 12
+        for _ in 0..<steps {
+            #expect(try model.forward([4], cache: cache, allLogits: false) == plain.forward([4], cache: plainCache, allLogits: false))
+        }
+        let decode = executor.stats.since(afterPrompt)
+        let cached = keys.filter { executor.holds($0) && !placed.contains($0) }
+        #expect(!cached.isEmpty)
+        #expect(keys.filter(executor.holds).count == placed.count)  // as many as the slots hold
+        #expect(decode.copiedExperts > 0 && decode.copiedExperts <= c.numHiddenLayers * c.numExpertsPerToken, "\(decode)")
+        #expect(decode.cpuTokenExperts == 0 && decode.residentTokenExperts > steps * c.numHiddenLayers, "\(decode)")
+    }
+
     @Test func layerSplitKeepsWholeLayers() throws {
         let (_, executor, _) = try offloaded(.layerSplit, resident: 4)
         #expect(executor.placement.resident(layer: 0) == [0, 1, 2, 3])
