@@ -87,8 +87,8 @@ struct BenchScenarios: ParsableCommand {
         var hitRate: Double
         var bytesCopiedPerStep: Double
         var activationBytesPerStep: Double
-        /// What the planner predicted for the expert part (the latency model as refreshed
-        /// during the run), and of that the CPU's part (against cpuExpertSeconds).
+        /// fiddler: what the planner predicted for the expert part (the latency model as
+        /// refreshed during the run), and of that the CPU's part (against cpuExpertSeconds).
         var plannedSeconds: Double?
         var plannedCPUSeconds: Double?
         /// The expert part's best CPU/PCIe split under the measured latency model, and bound / measured.
@@ -232,6 +232,7 @@ struct BenchScenarios: ParsableCommand {
         let d = after.since(before)
         let bound = executor == nil ? cpuBound() - boundBefore : d.boundSeconds
         let cpu = executor == nil ? measured : d.cpuSeconds
+        let planned = executor?.policy == .fiddler  // the others' placement decides, not the planner
         return Row(device: device, scenario: s, strategy: strategy.rawValue, layout: "dense-on-\(layout.rawValue)", expertDtype: dtype,
                    gpuMemoryGiB: Double(gpuMemory.flatMap(parseByteSize) ?? 0) / 1073741824, prefillSeconds: prefill,
                    decodeTokensPerSecond: tokensPerSecond, stepSeconds: stepSeconds,
@@ -243,7 +244,7 @@ struct BenchScenarios: ParsableCommand {
                    submitSeconds: executor.map { _ in d.submitSeconds },
                    hitRate: d.hitRate, bytesCopiedPerStep: Double(d.bytesCopied) / Double(max(steps, 1)),
                    activationBytesPerStep: Double(d.activationBytes) / Double(max(steps, 1)),
-                   plannedSeconds: executor.map { _ in d.plannedSeconds }, plannedCPUSeconds: executor.map { _ in d.plannedCPUSeconds },
+                   plannedSeconds: planned ? d.plannedSeconds : nil, plannedCPUSeconds: planned ? d.plannedCPUSeconds : nil,
                    boundSeconds: bound, measuredSeconds: measured, fraction: measured > 0 ? bound / measured : 0)
     }
 
