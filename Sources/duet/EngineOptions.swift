@@ -71,7 +71,7 @@ struct EngineOptions: ParsableArguments {
     @Option(name: .long, help: "Where quantized experts are cached between starts ('none' to turn off). Default: $DUET_CACHE/quantized, else ~/.cache/duet/quantized.")
     var quantCache: String?
 
-    @Flag(name: .long, inversion: .prefixedNo, help: "Page-lock the experts an offload strategy may stream, so copies run by DMA at full PCIe speed (off: pageable copies, nothing locked).")
+    @Flag(name: .long, inversion: .prefixedNo, help: "Page-lock the experts an offload strategy may copy, so copies run by DMA at full PCIe speed (off: pageable copies, nothing locked).")
     var pinExperts = true
 
     @Option(name: .long, help: "With a GPU strategy: device memory Duet may use, e.g. 24GiB or 800MiB (default: the GPU's free memory; with --offload-device cpu, half the experts).")
