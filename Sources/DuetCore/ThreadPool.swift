@@ -4,9 +4,8 @@ import Glibc
 import CDuetKernels
 import Synchronization
 
-/// Persistent worker threads for data-parallel kernels. Workers spin for a while after a job
-/// (decode issues jobs microseconds apart, and layers a fraction of a millisecond apart
-/// with the GPU's part in between) and then park on a condition variable.
+/// Persistent worker threads for data-parallel kernels. Workers spin briefly after a job
+/// (decode issues a job every few microseconds) and then park on a condition variable.
 /// Nothing is allocated per call, and the hot path touches no shared read-modify-write:
 /// worker w runs index w, only indices beyond the thread count are handed out through an
 /// atomic counter, and each worker reports completion in its own cache line.
@@ -28,21 +27,12 @@ public final class ThreadPool: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let wake = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var workers: [pthread_t] = []
-    /// How long a worker waits for the next job spinning before it parks. Waking parked
-    /// workers costs more than the gaps between an offloaded decode's layers: on the GPU
-    /// host, fiddler decoded 8.87 tok/s with ~0.1 ms of spinning and 10.31 with workers that
-    /// never parked (their CPU experts 3.4 -> 3.0 ms each, the calibration's back-to-back
-    /// figure). 2 ms covers a layer's GPU part; with more threads than cores (tests, shared
-    /// machines) spinning would only take cores from the others, so it stays ~0.1 ms there.
-    /// `$DUET_POOL_SPIN_US` overrides it.
-    private let spinNanoseconds: UInt64
+    /// Spin iterations (each a `pause`) before a worker parks: on the order of 100 µs.
+    private let spinLimit = 2000
 
     /// `threads` in all (the caller counts as one); 1 = everything inline.
     public init(threads: Int) {
         threadCount = max(1, threads)
-        let spinMicroseconds = getenv("DUET_POOL_SPIN_US").flatMap { UInt64(String(cString: $0)) }
-            ?? (threadCount <= Self.availableCores ? 2000 : 100)
-        spinNanoseconds = spinMicroseconds * 1000
         slots = .allocate(capacity: (threadCount + 2) * Self.stride)
         slots.initialize(repeating: 0, count: (threadCount + 2) * Self.stride)
         pthread_mutex_init(mutex, nil)
@@ -120,23 +110,6 @@ public final class ThreadPool: @unchecked Sendable {
         busy.store(false, ordering: .releasing)
     }
 
-    /// Sleeps until a job after generation `seen` is issued (or the pool stops).
-    private func park(seen: Int64) {
-        pthread_mutex_lock(mutex)
-        sleepers.add(1, ordering: .sequentiallyConsistent)
-        while duet_atomic_load(generation) == seen && !stopping.load(ordering: .sequentiallyConsistent) {
-            pthread_cond_wait(wake, mutex)
-        }
-        sleepers.subtract(1, ordering: .sequentiallyConsistent)
-        pthread_mutex_unlock(mutex)
-    }
-
-    private static func monotonicNanoseconds() -> UInt64 {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
-    }
-
     /// Index `index` (this thread's own), then whatever is left beyond the thread count.
     private func run(index: Int) {
         let body = job!
@@ -153,23 +126,22 @@ public final class ThreadPool: @unchecked Sendable {
         var seen: Int64 = 0
         while true {
             var spins = 0
-            var deadline: UInt64 = 0
             var g = duet_atomic_load(generation)
             while g == seen {
                 if stopping.load(ordering: .relaxed) { return }
                 spins += 1
-                if spins & 63 == 0 {  // the clock every 64 pauses (a few microseconds)
-                    let now = Self.monotonicNanoseconds()
-                    if deadline == 0 { deadline = now + spinNanoseconds }
-                    if now >= deadline {
-                        park(seen: seen)
-                        spins = 0
-                        deadline = 0
-                    } else if spins > 2048 {
-                        sched_yield()  // past the first ~100 µs: a thread waiting for this core runs first
+                if spins < spinLimit {
+                    duet_cpu_relax()
+                } else {
+                    pthread_mutex_lock(mutex)
+                    sleepers.add(1, ordering: .sequentiallyConsistent)
+                    while duet_atomic_load(generation) == seen && !stopping.load(ordering: .sequentiallyConsistent) {
+                        pthread_cond_wait(wake, mutex)
                     }
+                    sleepers.subtract(1, ordering: .sequentiallyConsistent)
+                    pthread_mutex_unlock(mutex)
+                    spins = 0
                 }
-                duet_cpu_relax()
                 g = duet_atomic_load(generation)
             }
             seen = g
