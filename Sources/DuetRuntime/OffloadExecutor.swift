@@ -197,20 +197,19 @@ public final class OffloadExecutor: ExpertExecutor {
         let D = model.config.hiddenSize, E = assignments.count
         let stepStart = ContinuousClock.now
         defer { stats.stepSeconds += secondsSince(stepStart) }
-        // Residency as it stands before this step's copies change the gpu-swap caches: the
+        // Residency as it stands before this step's copies change the layer's slots: the
         // plan and the bound both see it.
-        let loads = loads(layer: l, assignments)
+        let loads = loads(layer: l, assignments), routed = Set(loads.map(\.expert))
         let tokenExperts = assignments.reduce(0) { $0 + $1.count }  // tokens x experts per token
-        let caches = policy == .gpuSwap || (policy == .fiddler && tokenExperts <= Self.cachedCopyMaxTokens * model.config.numExpertsPerToken)
-        let plan = makePlan(layer: l, loads: loads, caching: caches)
+        let caching = policy == .gpuSwap || (policy == .fiddler && tokenExperts <= Self.cachedCopyMaxTokens * model.config.numExpertsPerToken)
+        let plan = makePlan(layer: l, loads: loads, routed: routed, caching: caching)
         var outputs = [[Float]?](repeating: nil, count: E)
 
         // Device first: it works while the CPU computes the rest.
         let deviceExperts = plan.resident + plan.copied
-        let routed = Set(loads.map(\.expert))
         var jobs: [DeviceJob] = []
         for e in deviceExperts {
-            let (slot, copy) = slotFor(ExpertKey(layer: l, expert: e), caching: caches, routed: routed)
+            let (slot, copy) = slotFor(ExpertKey(layer: l, expert: e), caching: caching, routed: routed)
             jobs.append(DeviceJob(slot: slot, copy: copy ? model.layers[l].experts[e] : nil, tokens: assignments[e].count))
         }
         var submitted = false
@@ -287,13 +286,13 @@ public final class OffloadExecutor: ExpertExecutor {
         }
     }
 
-    /// The policy's decision for one layer's routed experts. `caching`: copies stay in the
-    /// layer's slots (fiddler's small steps), so each is credited with the expected reuse.
-    func makePlan(layer l: Int, loads: [ExpertPlanner.Load], caching: Bool) -> ExpertPlanner.Plan {
+    /// The policy's decision for one layer's routed experts (`routed`: their ids). `caching`:
+    /// copies stay in the layer's slots (fiddler's small steps), so each is credited with the
+    /// expected reuse.
+    func makePlan(layer l: Int, loads: [ExpertPlanner.Load], routed: Set<Int>, caching: Bool) -> ExpertPlanner.Plan {
         switch policy {
         case .fiddler where !streaming.isEmpty:
             guard caching, !swapSlots[l].isEmpty else { return ExpertPlanner.plan(loads, model: latency) }
-            let routed = Set(loads.map(\.expert))
             let victim = evictable(layer: l, routed: routed)
             let credit = reuse.observe(layer: l, routed: routed, evicted: victim.flatMap { contents[$0]?.expert })
             return ExpertPlanner.plan(loads, model: latency, copyCredit: victim == nil ? 0 : credit * latency.cpu(1))
