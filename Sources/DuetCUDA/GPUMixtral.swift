@@ -51,6 +51,8 @@ public final class GPUMixtral {
     /// Positions the GPU's KV cache holds per sequence, and the sequences it holds.
     public let maxPositions: Int
     public let sequences: Int
+    /// Floats of one sequence's region of a layer's keys or values: `[maxPositions, Hkv, d]`.
+    let regionFloats: Int
 
     /// Runs the MoE layers instead of the experts on this GPU (Fiddler's layout: the
     /// non-expert weights here, the experts placed by the offload executor). One copy of
@@ -103,7 +105,8 @@ public final class GPUMixtral {
         inverseFrequencies = try gpu.upload(model.rope.inverseFrequencies, category: "weights")
         self.maxPositions = min(maxPositions ?? config.maxPositionEmbeddings, config.maxPositionEmbeddings)
         self.sequences = max(1, sequences)
-        let kvFloats = self.sequences * self.maxPositions * config.numKeyValueHeads * config.headDim
+        regionFloats = self.maxPositions * config.numKeyValueHeads * config.headDim
+        let kvFloats = self.sequences * regionFloats
         keys = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
         values = try (0..<config.numHiddenLayers).map { (_) throws(CUDAError) in try gpu.allocate(kvFloats * 4, category: "kv cache") }
     }
@@ -260,7 +263,6 @@ public final class GPUMixtral {
         let table = batched ? places.flatMap { [Int32($0.slot), Int32($0.position)] } : []
         let up = try gpu.upload(array: tokens + table, category: GPU.workspace)
         let ids = up.view(offset: 0, bytes: T * 4)
-        let regionFloats = maxPositions * config.numKeyValueHeads * config.headDim
         let sequencePlaces = batched ? SequencePlaces(table: up.view(offset: T * 4, bytes: 2 * T * 4), regionFloats: regionFloats, positions: longest) : nil
         try issueStep(ids: ids, lastIndex: nil, work, tokens: T, places: .tokens(places, sequencePlaces))
         lastIssueSeconds = secondsSince(issueStart)
@@ -283,8 +285,7 @@ public final class GPUMixtral {
 
     /// Sequence `slot`'s region `[maxPositions, Hkv, d]` of one layer's keys or values.
     private func slotRows(_ cache: DeviceBuffer, _ slot: Int) -> DeviceBuffer {
-        let bytes = maxPositions * config.numKeyValueHeads * config.headDim * 4
-        return cache.view(offset: slot * bytes, bytes: bytes)
+        cache.view(offset: slot * regionFloats * 4, bytes: regionFloats * 4)
     }
 
     /// Where a step's tokens sit: consecutive positions of one sequence from `start` (or, in

@@ -110,12 +110,20 @@ public struct ExpertPlacement: Sendable, Equatable {
         residentSet = Set(resident)
     }
 
+    /// Every expert of `L` layers of `E`, layer by layer.
+    public static func allKeys(layers L: Int, experts E: Int) -> [ExpertKey] {
+        (0..<L).flatMap { l in (0..<E).map { ExpertKey(layer: l, expert: $0) } }
+    }
+
+    /// Every expert of the model, layer by layer.
+    public var allKeys: [ExpertKey] { Self.allKeys(layers: layers, experts: experts) }
+
     /// The first `capacity` experts in `order` (`.profile` needs `profile`).
     public static func make(layers L: Int, experts E: Int, capacity: Int, order: Order, profile: ExpertProfile? = nil) -> ExpertPlacement {
         var all: [ExpertKey] = []
         switch order {
         case .wholeLayers:
-            for l in 0..<L { for e in 0..<E { all.append(ExpertKey(layer: l, expert: e)) } }
+            all = allKeys(layers: L, experts: E)
         case .layerBalanced, .profile:
             for e in 0..<E { for l in 0..<L { all.append(ExpertKey(layer: l, expert: e)) } }
         }

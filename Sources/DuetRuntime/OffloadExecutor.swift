@@ -157,11 +157,7 @@ public final class OffloadExecutor: ExpertExecutor {
     }
 
     /// The experts not placed on the device (what the CPU or the copies take), layer by layer.
-    public var nonResident: [ExpertKey] {
-        (0..<placement.layers).flatMap { l in
-            (0..<placement.experts).map { ExpertKey(layer: l, expert: $0) }.filter { !placement.isResident($0) }
-        }
-    }
+    public var nonResident: [ExpertKey] { placement.allKeys.filter { !placement.isResident($0) } }
 
     /// Page-locks the host memory of every expert this policy may copy — fiddler and
     /// gpu-swap: all of them, since the experts placed at start can be evicted from their
@@ -169,8 +165,7 @@ public final class OffloadExecutor: ExpertExecutor {
     /// thread) — and returns the bytes registered.
     public func pinStreamedExperts() -> Int {
         guard policy != .layerSplit else { return 0 }
-        let keys = (0..<placement.layers).flatMap { l in (0..<placement.experts).map { ExpertKey(layer: l, expert: $0) } }
-        return device.pin(keys.map { model.layers[$0.layer].experts[$0.expert] })
+        return device.pin(model.layers.flatMap(\.experts))
     }
 
     public func runExperts(layer l: Int, hidden h: [Float], assignments: [[ExpertAssignment]], tokens T: Int) -> [Float] {

@@ -171,7 +171,7 @@ struct ExpertPlacementTests {
         let latency = ExpertPlanner.LatencyModel(cpu: .init(fixed: 1, perToken: 0), gpu: .init(fixed: 1e-5, perToken: 0), transfer: 1e-3)
         let (model, executor, _) = try offloaded(.fiddler, resident: 4, latency: latency)
         let c = model.config
-        let keys = (0..<c.numHiddenLayers).flatMap { l in (0..<c.numLocalExperts).map { ExpertKey(layer: l, expert: $0) } }
+        let keys = executor.placement.allKeys
         let placed = Set(executor.placement.resident)
         let plain = try plainModel()
         let (cache, plainCache) = (model.makeCache(), plain.makeCache())
